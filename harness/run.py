@@ -1,0 +1,534 @@
+"""The kdump cycle, phase by phase, ending in a verdict.
+
+    prepare  resolve the kernel, check its config, build the initramfs images
+    boot     start QEMU, wait for the first kernel's userspace
+    arm      kexec -p loaded the crash kernel (reported by the guest)
+    panic    QMP inject-nmi (unknown_nmi_panic) or send-key sysrq-c
+    crash    follow the console into the crash kernel, then its userspace
+    capture  the crash kernel copies /proc/vmcore to the dump disk, powers off
+    collect  the host turns the dump disk into the run's vmcore
+    analyze  console facts (IOMMU tables copied? faults?), then the verdict
+
+Every phase has a deadline (scaled by KDUMP_HARNESS_TIMEOUT_SCALE). Whatever
+happens, QEMU is reaped and `report.json` is written with what is known.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import __version__, markers
+from .accel import AccelChoice, choose_accel
+from .dma import DmaSource, make_source
+from .deadline import Deadline
+from .errors import DeadlineExceeded, HarnessError, MachineExited, UsageError
+from .guest_helpers import build_all
+from .initramfs import Builder, with_settings
+from .kernels import Kernel, check_config, resolve_kernel
+from .machine import Drive, Machine, MachineSpec, shell_command
+from .platforms import KDUMP_CONFIG_NEEDED, iommu_model
+from .scenario import Scenario
+from .verdict import Outcome, Verdict
+
+log = logging.getLogger(__name__)
+
+REPORT_VERSION = 1
+
+# Phase budgets in seconds, for TCG on a slow 2-core host; scaled everywhere by
+# KDUMP_HARNESS_TIMEOUT_SCALE.
+BUDGET = {
+    "boot": 180.0,       # QEMU start -> first kernel userspace
+    "arm": 60.0,         # userspace -> kexec -p done
+    "panic": 60.0,       # NMI -> the crash kernel's "Linux version" banner
+    "crash": 90.0,       # banner -> crash kernel userspace
+    "capture_base": 120.0,  # plus capture_per_gib per GiB of guest RAM
+    "capture_per_gib": 240.0,
+    "poweroff": 30.0,
+}
+
+PANIC_RE = r"Kernel panic - not syncing"
+# A kernel's first line. A panic in NMI context often prints nothing before the
+# crash kernel starts (the console is flushed later, if ever), so the crash
+# kernel is recognised by its banner, not by the old kernel's panic message.
+BANNER_RE = r"(?m)^(?:\[[ \d.]+\] )?Linux version \d"
+
+
+class Stop(Exception):
+    """A phase ended the run with a verdict about the kernel under test."""
+
+    def __init__(self, verdict: Verdict, reason: str, evidence: list[str] | None = None):
+        super().__init__(reason)
+        self.outcome = Outcome(verdict, reason, evidence or [])
+
+
+ProgressFn = Callable[[str, str, str], None]
+
+
+def _quiet(phase: str, status: str, detail: str) -> None:
+    log.info("%s: %s %s", phase, status, detail)
+
+
+def split_console(text: str) -> tuple[str, str]:
+    """(first kernel, crash kernel) parts of one console log: the crash kernel
+    starts at the second kernel banner."""
+    banners = list(re.finditer(BANNER_RE, text))
+    if len(banners) < 2:
+        return text, ""
+    cut = banners[1].start()
+    return text[:cut], text[cut:]
+
+
+def parse_iomem(lines: list[str]) -> list[dict]:
+    """/proc/iomem lines -> [{start, end, name, depth}]."""
+    out = []
+    for line in lines:
+        m = re.match(r"^( *)([0-9a-f]+)-([0-9a-f]+) : (.*)$", line)
+        if m:
+            out.append({"start": int(m.group(2), 16), "end": int(m.group(3), 16),
+                        "name": m.group(4).strip(), "depth": len(m.group(1)) // 2})
+    return out
+
+
+@dataclass
+class RunState:
+    """What a run has learned so far; becomes report.json."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    marks: dict[str, float] = field(default_factory=dict)   # phase boundaries, seconds since start
+    facts: dict = field(default_factory=dict)
+
+
+class KdumpRun:
+    """One scenario, run once, into `outdir`.
+
+    `execute()` does everything. The pieces (`prepare`, `boot`, `panic`,
+    `follow_crash`, `collect`, `analyze`) let a pytest fixture stop after `boot`
+    with a kdump-armed machine and let a test trigger the panic itself.
+    """
+
+    def __init__(self, scenario: Scenario, outdir: Path | str, *, accel: str = "auto",
+                 progress: ProgressFn | None = None):
+        self.scenario = scenario
+        self.outdir = Path(outdir).resolve()
+        self.accel_request = accel
+        self.progress = progress or _quiet
+        self.state = RunState()
+        self.kernel: Kernel | None = None
+        self.accel: AccelChoice | None = None
+        self.machine: Machine | None = None
+        self.outcome: Outcome | None = None
+        self.t0 = time.monotonic()
+        self.wall0 = time.time()  # QEMU's trace timestamps are wall-clock
+        self.nonce = markers.new_nonce()
+        self.dma: DmaSource = make_source(scenario.dma, **({"load_in_crash": scenario.crash_load_driver}
+                                                            if scenario.dma == "nic" else {}))
+        self.dma.attach(self)
+        self.scratch: Path | None = None
+        self.ram_file: Path | None = None
+        self.keep_ram = False
+        self.region = None  # analysis.RegionSnapshot
+        self.analysis_report: dict | None = None
+        self.vmcore: Path | None = None
+        self.first_console = ""
+        self.crash_console = ""
+        self.crash_events_from = 0
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def now(self) -> float:
+        return round(time.monotonic() - self.t0, 3)
+
+    def mark(self, name: str) -> None:
+        self.state.marks[name] = self.now()
+
+    @contextlib.contextmanager
+    def phase(self, name: str, detail: str = "") -> Iterator[None]:
+        self.progress(name, "start", detail)
+        start = time.monotonic()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            self.state.timings[name] = round(time.monotonic() - start, 3)
+            self.progress(name, "done" if ok else "failed", f"{self.state.timings[name]:.1f} s")
+
+    @property
+    def qtest(self):
+        return self.machine.qtest if self.machine else None
+
+    @property
+    def iommu(self):
+        return iommu_model(self.scenario.iommu)
+
+    # -- phases ------------------------------------------------------------------------
+
+    def check_inputs(self) -> Kernel:
+        """Resolve the kernel and check its config: bad input fails here, before
+        anything is written or started."""
+        if self.kernel is None:
+            kernel = resolve_kernel(self.scenario.kernel, self.scenario.modules, self.scenario.kernel_config)
+            check_config(kernel, KDUMP_CONFIG_NEEDED + self.iommu.config_needed)
+            self.kernel = kernel
+        return self.kernel
+
+    def prepare(self) -> None:
+        with self.phase("prepare", self.scenario.kernel):
+            self.check_inputs()
+            self.outdir.mkdir(parents=True, exist_ok=True)
+            builder = Builder(self.kernel, helpers=build_all())
+            base = builder.build("first")
+            self.initrd = with_settings(base, {"etc/kh/run.env": self.run_env().encode()},
+                                        self.outdir / "initrd.img")
+            self.dump_disk = self.outdir / "dump.img"
+            with open(self.dump_disk, "wb") as f:  # sparse: only what the crash kernel writes takes space
+                f.truncate((self.scenario.memory_mb + 256) << 20)
+            self.accel = choose_accel(self.accel_request, self.kernel.image)
+            # DMA sockets; guest RAM shared with the host (tmpfs when there is one)
+            self.scratch = Path(tempfile.mkdtemp(prefix="kh-run-"))
+            shm = Path("/dev/shm")
+            self.ram_file = Path(tempfile.mktemp(prefix="kh-ram-", dir=shm if shm.is_dir() else self.scratch))
+            self.spec = self.machine_spec()
+
+    def run_env(self) -> str:
+        s = self.scenario
+        env = {
+            "KH_CRASH_APPEND": " ".join(s.crash_cmdline()),
+            "KH_DUMP_FORMAT": s.dump_format,
+            "KH_HANDOVER": "panic",
+            "KH_FIRST_LOAD": "",
+            "KH_CRASH_LOAD": "",
+            "KH_PAUSE": getattr(self, "pause_phase", "") or "",
+            "KH_NONCE": f"0x{self.nonce:016x}",
+            "KH_CANARIES": str(s.canaries),
+            "KH_HOLD": "1",  # the crash kernel waits for "go": the host reads its memory first
+        }
+        env.update(self.dma.guest_env())
+        from shlex import quote
+        return "".join(f"{k}={quote(v)}\n" for k, v in env.items())
+
+    def machine_spec(self) -> MachineSpec:
+        s = self.scenario
+        return MachineSpec(
+            name="guest", kernel=self.kernel.image, initrd=self.initrd, append=s.first_cmdline(),
+            accel=self.accel.accel, memory_mb=s.memory_mb, iommu=s.iommu, iommu_options=s.iommu_options,
+            drives=(Drive("dump", self.dump_disk, "khdump"),),
+            netdevs=self.dma.netdevs(self.scratch) if self.scratch else (),
+            devices=self.dma.devices(), qtest=self.dma.needs_qtest,
+            ram_file=self.ram_file, trace_events=self.iommu.trace_events,
+        )
+
+    def boot(self) -> Machine:
+        """Start QEMU, wait until kdump is armed and the guest is ready for the panic."""
+        self.machine = Machine(self.spec, self.outdir)
+        with self.phase("boot", f"{self.accel.accel}, {self.scenario.memory_mb} MiB"):
+            try:
+                self.machine.launch()
+            finally:
+                self.write_rerun()
+            self.mark("qemu_started")
+            ev = self._wait_event(("boot",), Deadline(BUDGET["boot"], "the first kernel's userspace"),
+                                  Verdict.FIRST_BOOT_FAILED)
+            self.mark("first_userspace")
+            self.state.facts["release"] = ev.fields.get("release")
+        with self.phase("arm"):
+            ev = self._wait_event(("armed",), Deadline(BUDGET["arm"], "kexec -p to load the crash kernel"),
+                                  Verdict.FIRST_BOOT_FAILED)
+            if ev.fields.get("rc") != "0" or ev.fields.get("loaded") == "0":
+                raise Stop(Verdict.FIRST_BOOT_FAILED, f"kexec -p failed (rc={ev.fields.get('rc')})",
+                           self._console_tail())
+            iomem = [e.raw[len("iomem "):] for e in self.machine.events.all("iomem")]
+            self.state.facts["iomem"] = parse_iomem(iomem)
+            crash = [r for r in self.state.facts["iomem"] if r["name"] == "Crash kernel"]
+            self.state.facts["crash_kernel_range"] = [crash[0]["start"], crash[0]["end"]] if crash else None
+            self._wait_event(("ready", "paused"), Deadline(BUDGET["arm"], "the guest to be ready for the panic"),
+                             Verdict.FIRST_BOOT_FAILED)
+            self.mark("armed")
+            self.state.facts["canaries"] = [(e.int("index"), e.int("phys")) for e in self.machine.events.all("canary")]
+        return self.machine
+
+    def start_dma(self) -> None:
+        """Start the DMA source and let it run in the first kernel for a while."""
+        if self.dma.name == "none":
+            return
+        with self.phase("dma", self.dma.name):
+            self.dma.start()
+            self.mark("dma_started")
+            self.dma.pre_panic()
+
+    def panic(self) -> None:
+        m = self.machine
+        with self.phase("panic", self.scenario.panic_method):
+            m.console.skip_pending()
+            self.crash_events_from = m.events.position()
+            self.mark("panic")
+            if self.scenario.panic_method == "nmi":
+                m.qmp.cmd("inject-nmi")
+            else:
+                keys = [{"type": "qcode", "data": k} for k in ("alt", "sysrq", "c")]
+                m.qmp.cmd("send-key", keys=keys)
+            deadline = Deadline(BUDGET["panic"], "the crash kernel's banner")
+            self.dma.on_phase("during_kexec")
+            try:
+                m.console.expect_within([BANNER_RE], deadline)
+            except MachineExited:
+                raise Stop(Verdict.NO_KDUMP, "QEMU exited after the panic: the kernel rebooted instead of "
+                                             "starting the crash kernel", self._console_tail()) from None
+            except DeadlineExceeded as e:
+                raise Stop(Verdict.NO_KDUMP, f"{e}", self._console_tail()) from None
+            self.mark("crash_kernel_start")
+            self.dma.on_phase("crash_early")
+
+    def follow_crash(self) -> None:
+        m = self.machine
+        with self.phase("crash", "crash kernel boot"):
+            self._wait_crash(("boot",), Deadline(BUDGET["crash"], "the crash kernel's userspace"))
+            self.mark("crash_userspace")
+            self._wait_crash(("crash-ready",), Deadline(BUDGET["crash"], "the crash kernel to load its modules"))
+            self.dma.on_phase("crash_userspace")
+            self.dma.stop()
+            self.mark("dma_stopped")
+            self.snapshot_region()
+            m.events.send("go")
+        gib = max(1.0, self.scenario.memory_mb / 1024)
+        with self.phase("capture", self.scenario.dump_format):
+            start = self._wait_crash(("capture-start",), Deadline(BUDGET["crash"], "the dump to start"))
+            self.state.facts["vmcore_size"] = start.int("vmcore_size")
+            ev = self._wait_crash(("captured",), Deadline(BUDGET["capture_base"] + gib * BUDGET["capture_per_gib"],
+                                                           "/proc/vmcore to be written to the dump disk"))
+            self.mark("captured")
+            self.state.facts["capture_rc"] = ev.int("rc")
+            if m.wait_exit(Deadline(BUDGET["poweroff"], "the crash kernel to power off")) is None:
+                log.warning("the crash kernel did not power off; stopping QEMU")
+            self.mark("crash_kernel_exit")
+
+    def collect(self) -> None:
+        with self.phase("collect"):
+            self.machine.shutdown()
+            self._split_consoles()
+            rc = self.state.facts.get("capture_rc")
+            size = self.state.facts.get("vmcore_size") or 0
+            if rc != 0:
+                raise Stop(Verdict.KDUMP_HANG if rc is None else Verdict.KDUMP_PANIC,
+                           f"the crash kernel failed to write the vmcore (rc={rc})", self._console_tail())
+            if self.scenario.dump_format == "elf":
+                vmcore = self.outdir / "vmcore"
+                os.truncate(self.dump_disk, size)
+                os.replace(self.dump_disk, vmcore)
+            else:
+                vmcore = self.outdir / "vmcore.kdump"
+                from .dumpfile import reassemble_flattened
+                reassemble_flattened(self.dump_disk, vmcore)
+                self.dump_disk.unlink()
+            self.vmcore = vmcore
+            self.state.facts["vmcore_format"] = detect_format(vmcore)
+
+    def analyze(self) -> Outcome:
+        with self.phase("analyze"):
+            self.console_facts()
+            facts = self.state.facts
+            if facts.get("vmcore_format") not in ("elf64", "kdump-compressed"):
+                return Outcome(Verdict.KDUMP_PANIC, "the vmcore is not a readable dump",
+                               [f"{self.vmcore}: format {facts.get('vmcore_format')}"])
+            evidence = [f"vmcore {self.vmcore.name}: {facts['vmcore_format']}, {self.vmcore.stat().st_size} bytes"]
+            if self.iommu.device:
+                evidence.append(f"crash kernel copied the old IOMMU tables: {facts['iommu_copied']}; "
+                                f"faults logged: {facts['iommu_faults']}")
+            dma_outcome = self.analyze_dma()
+            if dma_outcome is not None:
+                return dma_outcome
+            rep = self.analysis_report
+            evidence.append(f"{rep['source']}: sent {rep['sent']} ({rep['sent_after_panic']} after the panic), "
+                            f"seen {rep['seen']}, records landed {rep['landed']}, after the panic "
+                            f"{rep['landed_after_panic']}; IOMMU faults after the panic: {rep['faulted']}; "
+                            f"canaries intact {rep['canaries']['intact']}/{rep['canaries']['count']}")
+            return Outcome(Verdict.PASS, "vmcore captured; nothing wrong found", evidence)
+
+    def snapshot_region(self) -> None:
+        """Read the crash kernel's reservation from the host's RAM view, now: after
+        the last DMA, before the crash kernel copies old memory through its own."""
+        from .analysis import snapshot_crash_region
+
+        crash = self.state.facts.get("crash_kernel_range")
+        if self.region is None and crash and self.ram_file is not None and self.ram_file.exists():
+            self.region = snapshot_crash_region(self.ram_file, self.scenario.memory_mb, crash, self.nonce, self.now())
+
+    def analyze_dma(self) -> Outcome | None:
+        """Markers in the vmcore and the host's RAM view, IOMMU ground truth, canaries."""
+        from .analysis import analyze_dma, dma_report, dma_verdict
+        from .groundtruth import parse_trace
+
+        panic_t = self.state.marks.get("panic")
+        gt = parse_trace(self.machine.trace_log, self.scenario.iommu, self.wall0, panic_t) \
+            if self.iommu.device else None
+        an = analyze_dma(source=self.dma, nonce=self.nonce, vmcore=self.vmcore, region=self.region,
+                         crash_range=self.state.facts.get("crash_kernel_range"),
+                         panic_t=panic_t, gt=gt, canary_pages=self.state.facts.get("canaries", []))
+        self.analysis_report = dma_report(an, self.dma, gt)
+        return dma_verdict(an, self.dma, self.analysis_report)
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def _wait_event(self, names, deadline: Deadline, verdict: Verdict):
+        try:
+            return self.machine.events.wait_for(names, deadline, self.machine.alive)
+        except MachineExited:
+            raise Stop(verdict, f"QEMU exited while waiting for {deadline.what}", self._console_tail()) from None
+        except DeadlineExceeded as e:
+            raise Stop(verdict, str(e), self._console_tail()) from None
+
+    def _wait_crash(self, names, deadline: Deadline):
+        """Wait in the crash kernel: an exit means it panicked (panic=-1 reboots, and
+        QEMU runs with -no-reboot); a deadline means it hung."""
+        try:
+            return self.machine.events.wait_for(names, deadline, self.machine.alive, since=self.crash_events_from)
+        except MachineExited:
+            self._split_consoles()
+            panicked = re.search(PANIC_RE, self.crash_console)
+            raise Stop(Verdict.KDUMP_PANIC, f"the crash kernel {'panicked' if panicked else 'rebooted'} "
+                       f"before {deadline.what}", self._console_tail()) from None
+        except DeadlineExceeded as e:
+            self._split_consoles()
+            if re.search(PANIC_RE, self.crash_console):
+                raise Stop(Verdict.KDUMP_PANIC, f"the crash kernel panicked ({e})", self._console_tail()) from None
+            raise Stop(Verdict.KDUMP_HANG, str(e), self._console_tail()) from None
+
+    def console_facts(self) -> None:
+        """What the crash kernel's console says about its IOMMU (known even for a hung run)."""
+        self._split_consoles()
+        crash, facts = self.crash_console, self.state.facts
+        facts["iommu_copied"] = self.iommu.copied(crash) if self.iommu.device and crash else None
+        facts["iommu_disabled"] = self.iommu.disabled(crash) if crash else None
+        facts["iommu_faults"] = self.iommu.faults(crash) if crash else None
+
+    def _console_text(self) -> str:
+        try:
+            return self.machine.console_log.read_bytes().decode("utf-8", "replace").replace("\r\n", "\n")
+        except (OSError, AttributeError):
+            return ""
+
+    def _split_consoles(self) -> None:
+        self.first_console, self.crash_console = split_console(self._console_text())
+
+    def _console_tail(self, n: int = 12) -> list[str]:
+        lines = [l for l in self._console_text().splitlines() if l.strip()]
+        return [f"console: {l[-200:]}" for l in lines[-n:]]
+
+    # -- the whole run --------------------------------------------------------------------
+
+    def execute(self) -> Outcome:
+        try:
+            self.prepare()
+            self.boot()
+            self.start_dma()
+            self.panic()
+            self.follow_crash()
+            self.collect()
+            self.outcome = self.analyze()
+        except Stop as s:
+            self.outcome = s.outcome
+        except UsageError:
+            raise
+        except HarnessError as e:
+            self.outcome = Outcome(Verdict.ERROR, str(e), self._console_tail())
+        except KeyboardInterrupt:
+            self.outcome = Outcome(Verdict.ERROR, "interrupted (Ctrl-C)", self._console_tail())
+            raise
+        finally:
+            self.finish()
+        return self.outcome
+
+    def finish(self) -> None:
+        """Reap QEMU, keep every log, write report.json. Safe to call twice."""
+        self.dma.close()
+        if self.machine is not None:
+            self.machine.shutdown(graceful=False)
+            self.console_facts()
+        if self.ram_file is not None and self.ram_file.exists():
+            if self.keep_ram and self.outdir.is_dir():
+                shutil.move(str(self.ram_file), self.outdir / "guest-ram.raw")
+            else:
+                self.ram_file.unlink()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
+        self.state.timings["total"] = self.now()
+        if self.outdir.is_dir():
+            (self.outdir / "console-first.log").write_text(self.first_console)
+            (self.outdir / "console-crash.log").write_text(self.crash_console)
+            write_json(self.outdir / "report.json", self.report())
+
+    def write_rerun(self) -> None:
+        if not self.machine or not self.machine.argv:
+            return
+        (self.outdir / "qemu-cmdline.txt").write_text(shell_command(self.machine.argv) + "\n")
+
+    def report(self) -> dict:
+        f = self.state.facts
+        o = self.outcome or Outcome(Verdict.ERROR, "the run did not finish")
+        return {
+            "report_version": REPORT_VERSION,
+            "harness_version": __version__,
+            "scenario": self.scenario.to_json(),
+            "verdict": o.verdict.value,
+            "reason": o.reason,
+            "evidence": o.evidence,
+            "expected": self.scenario.expect,
+            "accel": self.accel.accel if self.accel else None,
+            "accel_reason": self.accel.reason if self.accel else None,
+            "kernel": {**(self.kernel.to_json() if self.kernel else {}), "release": f.get("release") or
+                       (self.kernel.release if self.kernel else None)},
+            "kdump": {
+                "captured": self.vmcore is not None,
+                "vmcore": str(self.vmcore) if self.vmcore else None,
+                "format": f.get("vmcore_format"),
+                "size": self.vmcore.stat().st_size if self.vmcore and self.vmcore.exists() else None,
+                "crash_kernel_range": f.get("crash_kernel_range"),
+                "crash_cmdline": " ".join(self.scenario.crash_cmdline()),
+            },
+            "iommu": {
+                "type": self.scenario.iommu,
+                "crash_kernel_copied_tables": f.get("iommu_copied"),
+                "crash_kernel_disabled": f.get("iommu_disabled"),
+                "faults": f.get("iommu_faults"),
+            },
+            "memory_map": f.get("iomem", []),
+            "dma": self.analysis_report or {"source": self.scenario.dma, "nonce": f"0x{self.nonce:016x}"},
+            "timings_s": self.state.timings,
+            "marks_s": self.state.marks,
+            "files": {
+                "console_first": "console-first.log",
+                "console_crash": "console-crash.log",
+                "console": "guest.console.log",
+                "results": "guest.results.log",
+                "qemu_log": "guest.qemu.log",
+                "qemu_cmdline": "qemu-cmdline.txt",
+            },
+            "qemu_argv": self.machine.argv if self.machine else None,
+        }
+
+
+def detect_format(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"\x7fELF" and head[4:5] == b"\x02":
+        return "elf64"
+    if head == b"KDUMP   ":
+        return "kdump-compressed"
+    return "unknown" if head else "empty"
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
