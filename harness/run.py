@@ -60,7 +60,8 @@ PANIC_RE = r"Kernel panic - not syncing"
 # A kernel's first line. A panic in NMI context often prints nothing before the
 # crash kernel starts (the console is flushed later, if ever), so the crash
 # kernel is recognised by its banner, not by the old kernel's panic message.
-BANNER_RE = r"(?m)^(?:\[[ \d.]+\] )?Linux version \d"
+# The banner may follow a shell prompt on the same line.
+BANNER_RE = r"(?m)\[ *0\.0+\] Linux version \d|^Linux version \d"
 
 
 class Stop(Exception):

@@ -17,6 +17,9 @@ def test_split_at_the_second_banner():
     first, crash = split_console("[    0.000000] Linux version 6.1\nA\n[    0.000000] Linux version 6.1\nB\n")
     assert first.endswith("A\n") and crash.startswith("[    0.000000] Linux version") and crash.endswith("B\n")
     assert split_console("[    0.000000] Linux version 6.1\nonly one kernel\n")[1] == ""
+    # the crash kernel's banner right after the first kernel's shell prompt
+    first, crash = split_console("[    0.000000] Linux version 6.1\n/ # \x1b[6n[    0.000000] Linux version 6.1\nX\n")
+    assert first.endswith("/ # \x1b[6n") and crash.startswith("[    0.000000] Linux version")
 
 
 def test_intel_crash_kernel_copied_tables():
