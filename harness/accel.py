@@ -75,8 +75,11 @@ def probe_kvm(kernel_image: Path, qemu: str = "qemu-system-x86_64", seconds: flo
             proc.wait(timeout=10)
 
 
-def choose_accel(requested: str, kernel_image: Path, qemu: str = "qemu-system-x86_64") -> AccelChoice:
-    """`requested` is "auto", "kvm" or "tcg" (or KDUMP_HARNESS_ACCEL)."""
+def choose_accel(requested: str, kernel_image: Path, qemu: str = "qemu-system-x86_64",
+                 probe: bool = True) -> AccelChoice:
+    """`requested` is "auto", "kvm" or "tcg" (or KDUMP_HARNESS_ACCEL). Without
+    `probe`, an unknown answer is not probed for: KVM is assumed when requested,
+    else TCG."""
     requested = os.environ.get("KDUMP_HARNESS_ACCEL", requested) if requested == "auto" else requested
     if requested == "tcg":
         return AccelChoice("tcg", "requested")
@@ -90,6 +93,8 @@ def choose_accel(requested: str, kernel_image: Path, qemu: str = "qemu-system-x8
         known = {}
     if key in known:
         choice = AccelChoice(**known[key])
+    elif not probe:
+        return AccelChoice(requested if requested == "kvm" else "tcg", "not probed")
     else:
         choice = probe_kvm(kernel_image, qemu)
         known = {k: v for k, v in known.items() if k.startswith(_boot_id())}

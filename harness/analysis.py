@@ -119,6 +119,7 @@ class DmaAnalysis:
     after_panic: int = 0                      # records sent after the panic, found
     after_panic_seqs: set = field(default_factory=set)
     canary_pages: list = field(default_factory=list)
+    by_mib: dict = field(default_factory=lambda: defaultdict(Counter))  # class -> {MiB: records}
 
     def in_crash_region(self, phys: int) -> bool:
         return self.crash_range is not None and self.crash_range[0] <= phys <= self.crash_range[1]
@@ -161,6 +162,7 @@ def add_hits(an: DmaAnalysis, hits, view: str, source: DmaSource, gt: GroundTrut
         if f is None:
             continue
         an.counts[f.where] += 1
+        an.by_mib[f.where][f.phys >> 20] += 1
         an.seen_seqs[f.source].add(f.seq)
         if an.panic_t is not None and f.t >= an.panic_t:
             an.after_panic += 1
@@ -207,7 +209,22 @@ def analyze_dma(*, source: DmaSource, nonce: int, vmcore: Path | None, region: R
     return an
 
 
-def dma_report(an: DmaAnalysis, source: DmaSource, gt: GroundTruth | None) -> dict:
+MOMENTS = ("before_panic", "during_kexec", "crash_before_iommu_init", "crash_after_iommu_init")
+
+
+def moment_of(t: float, marks: dict) -> str:
+    """Where on the crash's timeline a transfer was sent (from the run's marks)."""
+    if t < marks.get("panic", float("inf")):
+        return "before_panic"
+    if t < marks.get("crash_kernel_start", float("inf")):
+        return "during_kexec"
+    init = marks.get("crash_iommu_init")
+    if init is None:
+        return "crash_after_iommu_init" if t >= marks.get("crash_userspace", float("inf")) else "crash_unknown"
+    return "crash_before_iommu_init" if t < init else "crash_after_iommu_init"
+
+
+def dma_report(an: DmaAnalysis, source: DmaSource, gt: GroundTruth | None, marks: dict | None = None) -> dict:
     panic = an.panic_t if an.panic_t is not None else float("inf")
     sent = [tr for tr in source.transfers if tr.fired]
     after_panic = [tr for tr in sent if tr.t >= panic]
@@ -220,6 +237,12 @@ def dma_report(an: DmaAnalysis, source: DmaSource, gt: GroundTruth | None) -> di
         p["sent"] += 1
         if tr.seq in an.seen_seqs.get(source.name, ()):
             p["seen"] += 1
+    by_moment: dict = {}
+    for tr in source.transfers:
+        if tr.fired:
+            p = by_moment.setdefault(moment_of(tr.t, marks or {}), {"sent": 0, "seen": 0})
+            p["sent"] += 1
+            p["seen"] += tr.seq in an.seen_seqs.get(source.name, ())
     changed = [c for c in an.canaries if c.state == CanaryState.CHANGED]
     return {
         "source": source.name,
@@ -233,10 +256,12 @@ def dma_report(an: DmaAnalysis, source: DmaSource, gt: GroundTruth | None) -> di
         "landed": {c: an.counts.get(c, 0) for c in CLASSES},
         "landed_after_panic": an.after_panic,
         "landed_after_panic_transfers": len(an.after_panic_seqs),
-        "per_phase": by_phase,
+        "per_phase": by_phase,            # by the moment of the schedule the source meant
+        "per_moment": by_moment,          # by when it really went out, against the crash's timeline
         "translation_dropped_s": an.dropped_t,
         "translation_dropped_while_active": an.dropped_while_active,
-        "misdirected": [f.to_json() for f in an.findings if f.where != "old_memory_expected"][:MAX_LISTED],
+        "misdirected": [f.to_json() for c in CLASSES[1:] for f in
+                        [f for f in an.findings if f.where == c][:MAX_LISTED // 2]],  # a share of each class
         "canaries": {"count": len(an.canaries),
                      "intact": sum(1 for c in an.canaries if c.state == CanaryState.INTACT),
                      "changed": [{"index": c.index, "phys": c.phys, "changed_bytes": c.changed_bytes,
@@ -244,9 +269,45 @@ def dma_report(an: DmaAnalysis, source: DmaSource, gt: GroundTruth | None) -> di
                      "missing": [c.index for c in an.canaries if c.state != CanaryState.INTACT
                                  and c.state != CanaryState.CHANGED]},
         "scans": an.scans,
+        "memory": memory_picture(an, source, gt),
+        "timeline": timeline(an, source),
         "ground_truth": gt.to_json() if gt else None,
         "detail": source.to_json(),
     }
+
+
+def memory_picture(an: DmaAnalysis, source: DmaSource, gt: GroundTruth | None) -> dict:
+    """What a guest-physical memory map needs: hits per MiB by class, expected
+    DMA targets, canary pages."""
+    targets = []
+    if isinstance(source, EduSource):
+        for t in source.targets:
+            targets.append({"phys": t.phys if t.mapped else t.iova, "kind": t.kind, "mapped": t.mapped,
+                            "iova": t.iova, "slot": t.slot})
+    elif gt is not None and source.bdf in gt.devices:
+        mibs = Counter(p >> 20 for p in gt.devices[source.bdf].target_pages)
+        targets = [{"phys": mib << 20, "kind": "nic-buffers", "pages": n} for mib, n in sorted(mibs.items())]
+    states = {c.index: c.state.value for c in an.canaries}
+    return {
+        "hits_by_mib": {c: {str(k): v for k, v in sorted(an.by_mib[c].items())} for c in CLASSES if an.by_mib.get(c)},
+        "targets": targets,
+        "canaries": [{"index": i, "phys": p, "state": states.get(i, "unchecked")} for i, p in an.canary_pages],
+    }
+
+
+def timeline(an: DmaAnalysis, source: DmaSource, step: float = 0.25) -> dict:
+    """Transfers sent, and sent-and-found, per `step` seconds of the run."""
+    seen = an.seen_seqs.get(source.name, set())
+    bins: dict[int, list[int]] = {}
+    for tr in source.transfers:
+        if not tr.fired:
+            continue
+        b = bins.setdefault(int(tr.t / step), [0, 0])
+        b[0] += 1
+        if tr.seq in seen:
+            b[1] += 1
+    return {"step_s": step, "bins": [{"t": round(k * step, 3), "sent": v[0], "landed": v[1]}
+                                     for k, v in sorted(bins.items())]}
 
 
 def dma_verdict(an: DmaAnalysis, source: DmaSource, rep: dict) -> Outcome | None:

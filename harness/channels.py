@@ -13,6 +13,7 @@ the pump collected:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import queue
@@ -80,6 +81,9 @@ class _Pump(threading.Thread):
         self.tail: deque[bytes] = deque()
         self._tail_len = 0
         self.eof = threading.Event()
+        self.received = 0
+        # (byte offset where a chunk ends, time.monotonic() it arrived): when a line came
+        self.arrivals: list[tuple[int, float]] = []
 
     def run(self) -> None:
         try:
@@ -91,6 +95,8 @@ class _Pump(threading.Thread):
                 if not data:
                     break
                 self.log.write(data)
+                self.received += len(data)
+                self.arrivals.append((self.received, time.monotonic()))
                 self.tail.append(data)
                 self._tail_len += len(data)
                 while self._tail_len - len(self.tail[0]) > TAIL_BYTES:
@@ -104,6 +110,11 @@ class _Pump(threading.Thread):
                 pass
             self.eof.set()
             self.sink(None)
+
+    def time_of(self, offset: int) -> float | None:
+        """When the byte at `offset` of the log arrived (time.monotonic())."""
+        i = bisect.bisect_right([end for end, _ in self.arrivals], offset)
+        return self.arrivals[i][1] if i < len(self.arrivals) else None
 
     def tail_text(self, nbytes: int = 4096) -> str:
         return b"".join(self.tail)[-nbytes:].decode("utf-8", "replace")
@@ -183,8 +194,9 @@ class ConsoleSpawn(SpawnBase):
     def sendline(self, s: str = "") -> int:
         return self.send(s + "\n")
 
-    def interact_raw(self, escape: bytes = b"\x1d") -> None:
-        """Hand the console to the person at this terminal until they press Ctrl-].
+    def interact_raw(self, escape: bytes = b"\x1d", until: Callable[[], bool] | None = None) -> None:
+        """Hand the console to the person at this terminal until they press Ctrl-]
+        or `until()` turns true.
 
         The pump keeps logging; what it reads is shown on stdout as it comes."""
         import termios
@@ -204,6 +216,8 @@ class ConsoleSpawn(SpawnBase):
                     return
                 if data:
                     os.write(sys.stdout.fileno(), data)
+                elif until is not None and until():
+                    return
                 r, _, _ = select.select([fd], [], [], 0)
                 if r:
                     keys = os.read(fd, 1024)

@@ -146,9 +146,16 @@ def _find_release_dir(root: Path) -> Path:
 
 
 def fetch_debian_kernel(flavour_or_pkg: str) -> Kernel:
+    """A friendly name (debian-6.1), or debian:<package> (current version) or
+    debian:<package>=<version> (exactly that build, from the cache or the archive)."""
     spec = flavour_or_pkg
+    pinned = None
+    if flavour_or_pkg.startswith("debian:") and "=" in flavour_or_pkg:
+        pkg, pinned = flavour_or_pkg.split(":", 1)[1].split("=", 1)
     try:
-        if flavour_or_pkg in DEBIAN_FLAVOURS:
+        if pinned is not None:
+            version = pinned
+        elif flavour_or_pkg in DEBIAN_FLAVOURS:
             pkg, version = debian_package_for(flavour_or_pkg)
         else:
             pkg = flavour_or_pkg.split(":", 1)[1]
@@ -267,6 +274,37 @@ def user_kernel(image: str | Path, modules: str | Path | None, config: str | Pat
         ident += ":" + str(abs(hash(tuple(st))) % (1 << 60))
     return Kernel(spec=str(image), release=release or "unknown", image=image, modules_dir=modules_dir,
                   config_path=cpath, identity=ident, config=parse_config(cpath) if cpath else {})
+
+
+def tree_kernel(tree: str | Path) -> Kernel:
+    """A built kernel tree: arch/x86/boot/bzImage, its .config, and its modules
+    installed with the tree's own `make modules_install` into the cache (keyed by
+    the image and the modules' build state, so a rebuilt tree installs again)."""
+    tree = Path(tree).expanduser().resolve()
+    image = tree / "arch/x86/boot/bzImage"
+    config = tree / ".config"
+    if not tree.is_dir():
+        raise UsageError(f"kernel tree {tree} does not exist")
+    if not image.is_file():
+        raise UsageError(f"{tree} has no arch/x86/boot/bzImage: build it first (make bzImage modules)")
+    if not config.is_file():
+        raise UsageError(f"{tree} has no .config: it is not a configured kernel tree")
+    cfg = parse_config(config)
+    modules = None
+    if cfg.get("MODULES") == "y":
+        order = tree / "modules.order"
+        if not order.is_file():
+            raise UsageError(f"{tree} has CONFIG_MODULES=y but no modules.order: build the modules (make modules)")
+        key = file_digest(image)[:12] + "-" + str(order.stat().st_mtime_ns)
+        dest = cache_root() / "tree-modules" / key
+        with locked(dest):
+            if not (dest / ".complete").exists():
+                with build_dir(dest) as tmp:
+                    _run(["make", "-C", str(tree), "-s", "modules_install", f"INSTALL_MOD_PATH={tmp}",
+                          "INSTALL_MOD_STRIP=1"], f"make modules_install in {tree}")
+                    (tmp / ".complete").write_text(str(tree) + "\n")
+        modules = dest
+    return user_kernel(image, modules, config)
 
 
 def resolve_kernel(spec: str | None = None, modules: str | None = None, config: str | None = None) -> Kernel:

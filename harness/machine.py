@@ -47,12 +47,24 @@ def qemu_escape(value: str) -> str:
 
 @dataclass(frozen=True)
 class Drive:
-    """A raw disk image on a virtio-blk device, found in the guest by its serial."""
+    """A raw disk image on a virtio-blk (or NVMe) device, found in the guest by its serial."""
 
     id: str
     path: Path
     serial: str
     iommu_platform: bool = False
+    interface: str = "virtio"   # "virtio" (virtio-blk-pci) or "nvme"
+
+
+@dataclass(frozen=True)
+class UserNet:
+    """QEMU user networking for a management NIC (virtio-net, not behind the
+    IOMMU): the host reaches guest TCP port `guest_port` at 127.0.0.1:`host_port`."""
+
+    host_port: int
+    guest_port: int = 22
+    mac: str = "52:54:00:6b:68:01"
+    id: str = "mgmt0"
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,7 @@ class MachineSpec:
     trace_events: tuple[str, ...] = ()
     qtest: bool = False
     results_port: bool = True
+    user_net: UserNet | None = None
     extra_args: tuple[str, ...] = ()
     qemu: str | None = None  # the QEMU binary; default qemu-system-<arch> from PATH
 
@@ -127,11 +140,24 @@ def drive_args(spec: MachineSpec) -> list[str]:
     args: list[str] = []
     for d in spec.drives:
         args += ["-drive", f"if=none,id={d.id},format=raw,cache=unsafe,file={qemu_escape(str(d.path))}"]
-        dev = f"virtio-blk-pci,drive={d.id},serial={d.serial}"
-        if d.iommu_platform:
-            dev += ",iommu_platform=on,disable-legacy=on"
+        if d.interface == "nvme":  # emulated PCI: always behind the IOMMU
+            dev = f"nvme,drive={d.id},serial={d.serial}"
+        elif d.interface == "virtio":
+            dev = f"virtio-blk-pci,drive={d.id},serial={d.serial}"
+            if d.iommu_platform:
+                dev += ",iommu_platform=on,disable-legacy=on"
+        else:
+            raise ValueError(f"unknown drive interface {d.interface!r}")
         args += ["-device", dev]
     return args
+
+
+def user_net_args(spec: MachineSpec) -> list[str]:
+    u = spec.user_net
+    if u is None:
+        return []
+    return ["-netdev", f"user,id={u.id},hostfwd=tcp:127.0.0.1:{u.host_port}-:{u.guest_port}",
+            "-device", f"virtio-net-pci,netdev={u.id},mac={u.mac},romfile="]
 
 
 def device_args(spec: MachineSpec) -> list[str]:
@@ -187,6 +213,7 @@ def build_argv(spec: MachineSpec, sockets: Sockets, trace_file: Path) -> list[st
         *kernel_args(spec),
         *drive_args(spec),
         *device_args(spec),
+        *user_net_args(spec),
         *channel_args(spec, sockets),
         *trace_args(spec, trace_file),
         *spec.extra_args,
@@ -228,6 +255,7 @@ class Machine:
         self.qemu_log = self.outdir / f"{spec.name}.qemu.log"
         self.trace_log = self.outdir / f"{spec.name}.trace.log"
         self.argv: list[str] = []
+        self.socket_paths: Sockets | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -257,6 +285,7 @@ class Machine:
             # Unix socket paths are limited to 108 bytes: keep them short, under /tmp.
             self._scratch = Path(tempfile.mkdtemp(prefix="kh-"))
             socks = self.sockets()
+            self.socket_paths = socks
             qmp = Listener(socks.qmp)
             self._listeners.append(qmp)
             con = Listener(socks.console)

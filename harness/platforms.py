@@ -30,6 +30,8 @@ class IommuModel:
     not_copied_re: tuple[str, ...] = ()
     disabled_re: tuple[str, ...] = ()
     fault_re: str | None = None
+    # crash-kernel console: the IOMMU driver has finished taking over
+    init_done_re: str | None = None
     # QEMU trace points that record what the emulated IOMMU did
     trace_events: tuple[str, ...] = ()
     # guest-physical base of the register block (for host-side probes over qtest)
@@ -67,6 +69,7 @@ IOMMUS: dict[str, IommuModel] = {
             disabled_re=(r"DMAR: IOMMU disabled", r"Kernel command line:.*\bintel_iommu=off\b"),
             # e.g. "DMAR: [DMA Write NO_PASID] Request device [00:03.0] fault addr 0x..."
             fault_re=r"DMAR: \[(?:DMA|INTR)[ -](?:Read|Write|Remapping)",
+            init_done_re=r"DMAR: Intel\(R\) Virtualization Technology for Directed I/O",
             trace_events=("vtd_dmar_translate", "vtd_dmar_fault", "vtd_switch_address_space",
                           "vtd_fault_disabled", "vtd_dmar_enable", "vtd_reg_write_gcmd"),
             mmio_base=0xFED90000,
@@ -85,6 +88,7 @@ IOMMUS: dict[str, IommuModel] = {
             # amd_iommu=off makes the kernel skip the IOMMU silently; its command line says so
             disabled_re=(r"Kernel command line:.*\bamd_iommu=off\b",),
             fault_re=r"Event logged \[IO_PAGE_FAULT",
+            init_done_re=r"AMD-Vi: Interrupt remapping enabled",
             trace_events=("amdvi_translation_result", "amdvi_page_fault", "amdvi_dte_get_fail",
                           "amdvi_control_status"),
             mmio_base=None,

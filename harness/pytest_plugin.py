@@ -35,9 +35,18 @@ def pytest_addoption(parser):
     g.addoption("--kh-keep-vmcores", action="store_true", help="keep the vmcores of passing tests")
 
 
+MARKERS = {
+    "boot": "boots real kernels in QEMU (integration tier)",
+    "slow": "too slow for the default CI job; run with --run-slow",
+    "intel": "catalog entries with the Intel IOMMU", "amd": "catalog entries with the AMD IOMMU",
+    "noiommu": "catalog entries without an IOMMU", "k61": "Debian 6.1 kernel", "k612": "Debian 6.12 kernel",
+    "control": "positive controls: the harness must detect a failure",
+}
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "boot: boots real kernels in QEMU (integration tier)")
-    config.addinivalue_line("markers", "slow: too slow for the default CI job; run with --run-slow")
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -118,7 +118,8 @@ class KdumpRun:
     """
 
     def __init__(self, scenario: Scenario, outdir: Path | str, *, accel: str = "auto",
-                 progress: ProgressFn | None = None):
+                 progress: ProgressFn | None = None, pause: str | None = None,
+                 on_pause: Callable[["KdumpRun", str], None] | None = None, keep_ram: bool = False):
         self.scenario = scenario
         self.outdir = Path(outdir).resolve()
         self.accel_request = accel
@@ -136,7 +137,10 @@ class KdumpRun:
         self.dma.attach(self)
         self.scratch: Path | None = None
         self.ram_file: Path | None = None
-        self.keep_ram = False
+        self.keep_ram = keep_ram
+        self.pause_phase = pause          # --interactive: first-boot, armed or crash
+        self.on_pause = on_pause          # called with (run, phase) when the guest pauses
+        self.pause_mark = 0
         self.region = None  # analysis.RegionSnapshot
         self.analysis_report: dict | None = None
         self.vmcore: Path | None = None
@@ -183,7 +187,8 @@ class KdumpRun:
             self.kernel = kernel
         return self.kernel
 
-    def prepare(self) -> None:
+    def prepare(self, dry_run: bool = False) -> None:
+        """Everything before QEMU starts. `dry_run`: no KVM probe (--show-command)."""
         with self.phase("prepare", self.scenario.kernel):
             self.check_inputs()
             self.outdir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +199,7 @@ class KdumpRun:
             self.dump_disk = self.outdir / "dump.img"
             with open(self.dump_disk, "wb") as f:  # sparse: only what the crash kernel writes takes space
                 f.truncate((self.scenario.memory_mb + 256) << 20)
-            self.accel = choose_accel(self.accel_request, self.kernel.image)
+            self.accel = choose_accel(self.accel_request, self.kernel.image, probe=not dry_run)
             # DMA sockets; guest RAM shared with the host (tmpfs when there is one)
             self.scratch = Path(tempfile.mkdtemp(prefix="kh-run-"))
             shm = Path("/dev/shm")
@@ -209,7 +214,7 @@ class KdumpRun:
             "KH_HANDOVER": "panic",
             "KH_FIRST_LOAD": "",
             "KH_CRASH_LOAD": "",
-            "KH_PAUSE": getattr(self, "pause_phase", "") or "",
+            "KH_PAUSE": self.pause_phase or "",
             "KH_NONCE": f"0x{self.nonce:016x}",
             "KH_CANARIES": str(s.canaries),
             "KH_HOLD": "1",  # the crash kernel waits for "go": the host reads its memory first
@@ -252,7 +257,7 @@ class KdumpRun:
             self.state.facts["iomem"] = parse_iomem(iomem)
             crash = [r for r in self.state.facts["iomem"] if r["name"] == "Crash kernel"]
             self.state.facts["crash_kernel_range"] = [crash[0]["start"], crash[0]["end"]] if crash else None
-            self._wait_event(("ready", "paused"), Deadline(BUDGET["arm"], "the guest to be ready for the panic"),
+            self._wait_event(("ready",), Deadline(BUDGET["arm"], "the guest to be ready for the panic"),
                              Verdict.FIRST_BOOT_FAILED)
             self.mark("armed")
             self.state.facts["canaries"] = [(e.int("index"), e.int("phys")) for e in self.machine.events.all("canary")]
@@ -336,7 +341,7 @@ class KdumpRun:
 
     def analyze(self) -> Outcome:
         with self.phase("analyze"):
-            self.console_facts()
+            self.console_facts()  # also marks when the crash kernel's IOMMU driver was done
             facts = self.state.facts
             if facts.get("vmcore_format") not in ("elf64", "kdump-compressed"):
                 return Outcome(Verdict.KDUMP_PANIC, "the vmcore is not a readable dump",
@@ -375,14 +380,32 @@ class KdumpRun:
         an = analyze_dma(source=self.dma, nonce=self.nonce, vmcore=self.vmcore, region=self.region,
                          crash_range=self.state.facts.get("crash_kernel_range"),
                          panic_t=panic_t, gt=gt, canary_pages=self.state.facts.get("canaries", []))
-        self.analysis_report = dma_report(an, self.dma, gt)
+        if gt is not None and "crash_iommu_init" not in self.state.marks and gt.translation_off_t is not None \
+                and gt.translation_off_t < self.state.marks.get("captured", float("inf")):
+            self.state.marks["crash_iommu_init"] = round(gt.translation_off_t, 3)  # it switched translation off
+        self.analysis_report = dma_report(an, self.dma, gt, self.state.marks)
         return dma_verdict(an, self.dma, self.analysis_report)
 
     # -- waiting -------------------------------------------------------------------------
 
+    def _wait(self, names, deadline: Deadline, since: int = 0):
+        """Wait for one of `names`; a pause (--interactive) in between hands the
+        guest to the person and restarts the deadline when they give it back."""
+        while True:
+            ev = self.machine.events.wait_for(tuple(names) + ("paused",), deadline, self.machine.alive, since=since)
+            if ev.name != "paused":
+                return ev
+            since = self.machine.events.position()
+            self.pause_mark = since
+            if self.on_pause is not None:
+                self.on_pause(self, ev.fields.get("phase", "?"))
+            self.machine.events.wait_for(("resumed",), Deadline(24 * 3600, "the person to leave the guest shell"),
+                                         self.machine.alive, since=since)
+            deadline = Deadline(deadline.seconds, deadline.what, scale=1)
+
     def _wait_event(self, names, deadline: Deadline, verdict: Verdict):
         try:
-            return self.machine.events.wait_for(names, deadline, self.machine.alive)
+            return self._wait(names, deadline)
         except MachineExited:
             raise Stop(verdict, f"QEMU exited while waiting for {deadline.what}", self._console_tail()) from None
         except DeadlineExceeded as e:
@@ -392,7 +415,7 @@ class KdumpRun:
         """Wait in the crash kernel: an exit means it panicked (panic=-1 reboots, and
         QEMU runs with -no-reboot); a deadline means it hung."""
         try:
-            return self.machine.events.wait_for(names, deadline, self.machine.alive, since=self.crash_events_from)
+            return self._wait(names, deadline, since=self.crash_events_from)
         except MachineExited:
             self._split_consoles()
             panicked = re.search(PANIC_RE, self.crash_console)
@@ -411,12 +434,29 @@ class KdumpRun:
         facts["iommu_copied"] = self.iommu.copied(crash) if self.iommu.device and crash else None
         facts["iommu_disabled"] = self.iommu.disabled(crash) if crash else None
         facts["iommu_faults"] = self.iommu.faults(crash) if crash else None
+        self._mark_console("crash_iommu_init", self.iommu.init_done_re)
 
-    def _console_text(self) -> str:
+    def _mark_console(self, name: str, pattern: str | None) -> None:
+        """Mark when a crash-kernel console line arrived (host time), if it did."""
+        if not pattern or name in self.state.marks or self.machine is None or self.machine.console is None:
+            return
+        raw = self._console_bytes()
+        banners = list(re.finditer(BANNER_RE.encode(), raw))
+        if len(banners) < 2:
+            return
+        m = re.search(pattern.encode(), raw[banners[1].start():])
+        if m:
+            t = self.machine.console.pump.time_of(banners[1].start() + m.start())
+            if t is not None:
+                self.state.marks[name] = round(t - self.t0, 3)
+
+    def _console_bytes(self) -> bytes:
         try:
-            return self.machine.console_log.read_bytes().decode("utf-8", "replace").replace("\r\n", "\n")
+            return self.machine.console_log.read_bytes()
         except (OSError, AttributeError):
-            return ""
+            return b""
+    def _console_text(self) -> str:
+        return self._console_bytes().decode("utf-8", "replace").replace("\r\n", "\n")
 
     def _split_consoles(self) -> None:
         self.first_console, self.crash_console = split_console(self._console_text())
@@ -467,12 +507,20 @@ class KdumpRun:
         if self.outdir.is_dir():
             (self.outdir / "console-first.log").write_text(self.first_console)
             (self.outdir / "console-crash.log").write_text(self.crash_console)
-            write_json(self.outdir / "report.json", self.report())
+            report = self.report()
+            write_json(self.outdir / "report.json", report)
+            try:
+                from .report_html import write_run_html
+                write_run_html(report, self.outdir)
+            except Exception as e:  # a picture must never cost the run its report.json
+                log.warning("report.html not written: %s", e)
 
     def write_rerun(self) -> None:
         if not self.machine or not self.machine.argv:
             return
         (self.outdir / "qemu-cmdline.txt").write_text(shell_command(self.machine.argv) + "\n")
+        from .rerun import write_rerun_script
+        write_rerun_script(self)
 
     def report(self) -> dict:
         f = self.state.facts

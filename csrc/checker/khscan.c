@@ -1449,18 +1449,20 @@ static int read_kdump_locked(struct kh_dump *d, kdump_ctx_t *ctx, uint64_t phys,
 	return KH_OK;
 }
 
-/* Read [phys, phys+len) which must be present; ctx for kdump (or NULL to
- * use the dump's own context under its lock). */
-static int read_present(struct kh_dump *d, kdump_ctx_t *ctx, uint64_t phys,
-			uint8_t *buf, size_t len, struct kh_error *err)
+/*
+ * Check that all of [phys, phys+len) is in the dump before any of it is read:
+ * a request that is partly outside the dump is KH_ERR_NOT_PRESENT whatever
+ * the pages inside it hold, never KH_ERR_READ because a kdump page before
+ * the gap happens to be corrupt (and no page is decompressed for a read that
+ * is bound to fail). The caller has checked that phys+len does not wrap.
+ */
+static int check_present(const struct kh_dump *d, uint64_t phys, size_t len,
+			 struct kh_error *err)
 {
 	uint64_t end = phys + len, cur = phys;
 	size_t i = find_seg(d, phys);
 
 	while (cur < end) {
-		const struct seg *s;
-		uint64_t n, off;
-		int ret;
 		if (i >= d->nsegs || cur < d->segs[i].phys ||
 		    cur - d->segs[i].phys >= d->segs[i].len)
 			return seterr(err, KH_ERR_NOT_PRESENT,
@@ -1468,6 +1470,32 @@ static int read_present(struct kh_dump *d, kdump_ctx_t *ctx, uint64_t phys,
 				      "(first missing byte %#llx)",
 				      (unsigned long long)phys,
 				      (unsigned long long)(end - 1),
+				      (unsigned long long)cur);
+		cur += min_u64(end - cur, d->segs[i].len - (cur - d->segs[i].phys));
+		++i;
+	}
+	return KH_OK;
+}
+
+/* Read [phys, phys+len), KH_ERR_NOT_PRESENT unless all of it is in the dump;
+ * ctx for kdump (or NULL to use the dump's own context under its lock). */
+static int read_present(struct kh_dump *d, kdump_ctx_t *ctx, uint64_t phys,
+			uint8_t *buf, size_t len, struct kh_error *err)
+{
+	uint64_t end = phys + len, cur = phys;
+	size_t i = find_seg(d, phys);
+	int ret = check_present(d, phys, len, err);
+
+	if (ret)
+		return ret;
+	while (cur < end) {
+		const struct seg *s;
+		uint64_t n, off;
+		/* check_present() saw segs[i] hold cur; keep the bounds anyway */
+		if (i >= d->nsegs || cur < d->segs[i].phys ||
+		    cur - d->segs[i].phys >= d->segs[i].len)
+			return seterr(err, KH_ERR_NOT_PRESENT,
+				      "physical %#llx is not in the dump",
 				      (unsigned long long)cur);
 		s = &d->segs[i];
 		off = cur - s->phys;

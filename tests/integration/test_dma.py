@@ -104,6 +104,26 @@ def test_intel_crash_kernel_without_translation_corrupts(kdump_run):
         assert f["where"] in ("old_memory_elsewhere", "crash_kernel_region")
     assert rep["landed"]["crash_kernel_region"] > 0  # the crash kernel's own memory was hit
     assert rep["canaries"]["changed"]                # and old memory: canary pages were overwritten
+    check_report_page_shows_red(run.outdir)
+
+
+def check_report_page_shows_red(run_dir):
+    """The run's own report.html, drawn by headless Chromium: misdirected markers are on the map.
+    The screenshot is kept in the test artifacts."""
+    import shutil
+    from tests.unit import test_report_render as render
+    html = run_dir / "report.html"
+    assert "CORRUPTION" in html.read_text()
+    if render.CHROMIUM is None:
+        pytest.skip("headless Chromium is not installed (Debian package: chromium)")
+    isolated = run_dir / "map-only.html"
+    isolated.write_text(html.read_text().replace("</head>", render.ISOLATE_MAP, 1))
+    render.screenshot(html, run_dir / "page.png")
+    render.screenshot(isolated, run_dir / "map.png")
+    shutil.copy(run_dir / "page.png", render.artifacts_dir() / "live-corruption-report.png")
+    page, map_only = render.pixels(run_dir / "page.png"), render.pixels(run_dir / "map.png")
+    top, bottom, left, right = render.map_box(map_only)
+    assert render.reddish(page[top:bottom, left:right]).sum() >= 40, "no misdirected (red) marks on the map"
 
 
 def test_no_dma_no_false_alarm(kdump_run):

@@ -85,3 +85,12 @@ def test_verdicts():
     nothing = analysis()
     out = dma_verdict(nothing, src, dma_report(nothing, src, None))
     assert out.verdict == Verdict.INCONCLUSIVE  # DMA was sent, none crossed the crash
+
+
+def test_moments_on_the_crash_timeline():
+    from harness.analysis import moment_of
+    marks = {"panic": 10.0, "crash_kernel_start": 15.0, "crash_iommu_init": 17.0, "crash_userspace": 18.0}
+    assert [moment_of(t, marks) for t in (5, 12, 16, 17.5)] == [
+        "before_panic", "during_kexec", "crash_before_iommu_init", "crash_after_iommu_init"]
+    no_init = {k: v for k, v in marks.items() if k != "crash_iommu_init"}
+    assert moment_of(16, no_init) == "crash_unknown" and moment_of(19, no_init) == "crash_after_iommu_init"

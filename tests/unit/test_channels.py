@@ -72,3 +72,17 @@ def test_console_pump_never_blocks_the_writer(tmp_path):
     a.close()
     con.pump.join(10)
     assert (tmp_path / "c.log").stat().st_size == 8 << 20
+
+
+def test_console_knows_when_each_byte_arrived(tmp_path):
+    a, b = socket.socketpair()
+    con = ConsoleSpawn(b, tmp_path / "c.log")
+    a.sendall(b"first\n")
+    con.expect_within(["first"], Deadline(5, "first"))
+    time.sleep(0.3)
+    a.sendall(b"second\n")
+    con.expect_within(["second"], Deadline(5, "second"))
+    t_first, t_second = con.pump.time_of(0), con.pump.time_of(7)
+    assert t_first is not None and t_second is not None and t_second > t_first
+    assert con.pump.time_of(1000) is None
+    a.close()

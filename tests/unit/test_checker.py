@@ -437,6 +437,47 @@ def test_corrupt_compressed_page_is_unreadable_not_fatal(tmp_path):
     assert not r.complete and r.bytes_scanned == 2 * PAGE and r.unreadable_reason
 
 
+@pytest.mark.parametrize("bad_pages", [(0,), (0, 1), (1,)])
+def test_read_past_a_corrupt_last_page_is_not_present(tmp_path, bad_pages):
+    """A read running off the end of a range into a gap is AddressNotPresentError,
+    even when the range's last page cannot be decompressed: presence is checked
+    before any page is read (fuzz_khscan.c found DumpReadError here)."""
+    pages = {pfn: bytes([0x40 + pfn]) * PAGE for pfn in (0, 1, 3)}   # ranges: pfns 0-1 and 3
+    image = bytearray(w.kdump_compressed(pages, 8, compress="zlib"))
+    desc_off = (1 + 1 + 2) * PAGE                               # header, sub-header, 2 bitmap blocks
+    for k in bad_pages:                                         # descriptor k is pfn k for k < 2
+        off, size = struct.unpack_from("<QI", image, desc_off + 24 * k)
+        image[off + 2:off + size] = b"\xa5" * (size - 2)       # break the zlib stream
+    with open_dump(dump_file(tmp_path, bytes(image))) as d:
+        assert d.ranges == (PhysRange(0, 2 * PAGE), PhysRange(3 * PAGE, PAGE))
+        last = 1 if 1 in bad_pages else 0
+        with pytest.raises(DumpReadError):                      # the corrupt page itself
+            d.read_phys(last * PAGE, 2)
+        for phys, length in [(2 * PAGE - 1, 2), (2 * PAGE - 8, 16), (0, 2 * PAGE + 1),
+                             (PAGE, 3 * PAGE), (2 * PAGE, 1)]:
+            with pytest.raises(AddressNotPresentError) as e:
+                d.read_phys(phys, length)
+            assert f"{2 * PAGE:#x}" in one_line(e.value)        # the first missing byte
+        assert not d.contains(2 * PAGE - 1, 2)
+        assert d.read_phys(3 * PAGE, PAGE) == pages[3]          # the good range still reads
+        with pytest.raises(AddressNotPresentError):
+            d.read_phys(4 * PAGE - 1, 2)
+        (canary,) = d.check_canaries(N, [(0, 2 * PAGE - PAGE // 2)])
+        assert canary.state == CanaryState.MISSING and canary.detail == "partly in the dump"
+
+
+def test_read_past_the_end_of_an_elf_range_is_not_present(tmp_path):
+    """The same straddling reads on ELF data, file bytes and zero-fill alike."""
+    data = os.urandom(PAGE)
+    path = dump_file(tmp_path, w.elf_core([Load(0, data), Load(4 * PAGE, data[:100], memsz=PAGE)]))
+    with open_dump(path) as d:
+        assert d.ranges == (PhysRange(0, PAGE), PhysRange(4 * PAGE, PAGE))
+        for phys in (PAGE - 1, 5 * PAGE - 1):
+            assert d.read_phys(phys, 1) == (data[-1:] if phys < PAGE else b"\0")
+            with pytest.raises(AddressNotPresentError):
+                d.read_phys(phys, 2)
+
+
 def test_kdump_split_part_is_unsupported(tmp_path):
     image = bytearray(w.kdump_compressed({0: bytes(PAGE)}, 4))
     struct.pack_into("<i", image, PAGE + 12, 1)                 # sub-header: split

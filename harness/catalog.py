@@ -1,0 +1,132 @@
+"""The scenario catalog: the history of the in-flight-DMA-at-kdump problem, as data.
+
+Each entry is a `Scenario` with the verdict a correct crash kernel gives (or,
+for positive controls, the failure the harness must detect) and a one-line
+reason citing where that behaviour comes from.
+
+Tags pick entries: the IOMMU (`intel`, `amd`, `none`), the kernel (`6.1`,
+`6.12`), the DMA source (`nic`, `edu`), `control` for positive controls, and
+`slow` for entries that take more than a couple of minutes under TCG.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from .errors import UsageError
+from .scenario import DEFAULT_CRASH_BASE, Scenario
+
+K612 = "debian-6.12"
+
+
+def _s(name: str, expect: str, reason: str, *, tags: tuple[str, ...] = (), **kw) -> Scenario:
+    sc = Scenario(name=name, expect=expect, reason=reason, **kw)
+    kernel_tag = "6.12" if sc.kernel == K612 else "6.1"
+    auto = (sc.iommu, sc.dma, kernel_tag)
+    return sc.replace(tags=tuple(dict.fromkeys(auto + tags)))
+
+
+CATALOG: tuple[Scenario, ...] = (
+    _s("intel-copy-nic", "PASS",
+       "kdump kernels copy the old VT-d context tables and keep translation on "
+       "(Linux v4.2, 091d42e43d21 \"iommu/vt-d: Copy translation tables from old kernel\")",
+       iommu="intel", dma="nic"),
+    _s("intel-copy-edu", "PASS",
+       "same copy path; aimed edu writes to mapped IOVAs land in the mapped buffers, unmapped ones fault "
+       "(QEMU 7.2 vtd_do_iommu_translate -> vtd_report_fault)",
+       iommu="intel", dma="edu"),
+    _s("amd-copy-nic", "PASS",
+       "kdump kernels copy the old AMD-Vi device table and defer attaching new domains (Linux v4.14, "
+       "3ac3e5ee5ed5 \"iommu/amd: Copy old trans table from old kernel\")",
+       iommu="amd", dma="nic"),
+    _s("amd-copy-edu", "PASS",
+       "AMD copy path with aimed DMA; unmapped IOVAs hit zero PTEs and are dropped "
+       "(QEMU 7.2 amdvi_translate)",
+       iommu="amd", dma="edu"),
+    _s("intel-scalable-edu", "PASS",
+       "scalable-mode VT-d (QEMU x-scalable-mode=on, intel_iommu=on,sm_on): copied since Linux v6.0, "
+       "0c5f6c0d8201 \"iommu/vt-d: Fix kdump kernels boot failure with scalable mode\"",
+       iommu="intel", iommu_options=("x-scalable-mode=on",), dma="edu",
+       first_append=("intel_iommu=on,sm_on",), crash_append=("intel_iommu=on,sm_on",)),
+    _s("intel-off-edu", "CORRUPTION",
+       "positive control: intel_iommu=off switches translation off (Linux v4.12, 161b28aae165 "
+       "\"iommu/vt-d: Make sure IOMMUs are off when intel_iommu=off\"), so in-flight DMA hits phys == IOVA",
+       iommu="intel", dma="edu", crash_append=("intel_iommu=off",), tags=("control",)),
+    _s("intel-off-nic", "UNSAFE_HANDOVER",
+       "positive control: translation switched off while the NIC still fills its ring; its IOVAs "
+       "(top of 4 GiB) are no RAM in a 1 GiB guest, so nothing visible is hit, by luck",
+       iommu="intel", dma="nic", crash_append=("intel_iommu=off",), tags=("control",)),
+    _s("amd-off-nic", "KDUMP_HANG",
+       "positive control: since 9f81ca8d1fd6 \"iommu/amd: Don't call early_amd_iommu_init() when AMD IOMMU "
+       "is disabled\" (v5.12) nothing turns the old kernel's IOMMU off; its interrupt remapping stays live",
+       iommu="amd", dma="nic", crash_append=("amd_iommu=off",), tags=("control", "slow")),
+    _s("intel-pt-nic", "PASS",
+       "first kernel in passthrough (iommu=pt: identity domain, VT-d pass-through context entries; "
+       "QEMU moves the device to its no-DMAR alias); the copied entries keep DMA at the same addresses",
+       iommu="intel", dma="nic", first_append=("iommu=pt",)),
+    _s("amd-pt-nic", "PASS",
+       "first kernel in passthrough (iommu.passthrough=1: identity DTEs, still traced by QEMU); "
+       "the copied device table keeps them",
+       iommu="amd", dma="nic", first_append=("iommu.passthrough=1",)),
+    _s("intel-strict-nic", "PASS",
+       "strict invalidation in the first kernel (iommu.strict=1): every unmap flushes the IOTLB at once",
+       iommu="intel", dma="nic", first_append=("iommu.strict=1",)),
+    _s("intel-lazy-nic", "PASS",
+       "lazy invalidation in the first kernel (iommu.strict=0; the x86 default since v5.15, e96763ec42ce "
+       "\"iommu: Merge strictness and domain type configs\"): freed IOVAs stay in the IOTLB for a while",
+       iommu="intel", dma="nic", first_append=("iommu.strict=0",)),
+    _s("intel-noreset-nic", "PASS",
+       "crash kernel without reset_devices (kdump.rst recommends \"irqpoll nr_cpus=1 reset_devices\"): "
+       "nothing resets the NIC, which keeps writing into the old buffers",
+       iommu="intel", dma="nic", crash_base=tuple(o for o in DEFAULT_CRASH_BASE if o != "reset_devices")),
+    _s("intel-takeover-nic", "PASS",
+       "driver takeover: the crash kernel's e1000e resets the NIC and its first DMA-API call attaches the "
+       "crash kernel's domain (deferred attach, v5.12, 3ab657291638)",
+       iommu="intel", dma="nic", crash_load_driver=True),
+    _s("none-nic", "PASS",
+       "no IOMMU: a crash kexec never clears bus mastering (only kexec reboot does, 4fc9bbf98fd6 \"PCI: "
+       "Disable Bus Master only on kexec reboot\"); DMA keeps landing in the old buffers",
+       iommu="none", dma="nic"),
+    _s("none-edu", "PASS",
+       "no IOMMU, aimed DMA at buffers the first kernel owns (physical addresses)",
+       iommu="none", dma="edu"),
+    _s("intel-swiotlb-nic", "PASS",
+       "crash kernel with swiotlb=force (\"force using of bounce buffers even if they wouldn't be "
+       "automatically used\"): its own DMA bounces; the old NIC DMA must stay in old memory",
+       iommu="intel", dma="nic", crash_append=("swiotlb=force",)),
+    _s("intel-copy-nic-6.12", "PASS", "the Intel copy path on Debian's 6.12 kernel",
+       iommu="intel", dma="nic", kernel=K612),
+    _s("amd-copy-nic-6.12", "PASS", "the AMD copy path on Debian's 6.12 kernel",
+       iommu="amd", dma="nic", kernel=K612),
+    _s("intel-off-edu-6.12", "CORRUPTION", "positive control on Debian's 6.12 kernel (intel_disable_iommus)",
+       iommu="intel", dma="edu", crash_append=("intel_iommu=off",), kernel=K612, tags=("control",)),
+)
+
+DEFAULT = "intel-copy-nic"
+
+
+def by_name(name: str) -> Scenario:
+    for sc in CATALOG:
+        if sc.name == name:
+            return sc
+    close = [sc.name for sc in CATALOG if name in sc.name or sc.name.startswith(name.split("-")[0])]
+    hint = f"; did you mean {', '.join(close[:4])}?" if close else ""
+    raise UsageError(f"no scenario named {name!r} in the catalog (kdump-harness list shows them){hint}")
+
+
+def select(filters: list[str] | None = None) -> list[Scenario]:
+    """Entries matching every filter: a tag (`intel`, `6.12`, `control`, `slow`),
+    `!tag` to exclude one, or a glob on the name (`intel-*`)."""
+    out = []
+    for sc in CATALOG:
+        ok = True
+        for f in filters or []:
+            neg = f.startswith("!")
+            term = f[1:] if neg else f
+            hit = term in sc.tags or fnmatch.fnmatch(sc.name, term)
+            if hit == neg:
+                ok = False
+                break
+        if ok:
+            out.append(sc)
+    return out
