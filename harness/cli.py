@@ -244,8 +244,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"{'NAME':<{w}}  {'IOMMU':<5}  {'DMA':<4}  {'KERNEL':<11}  {'EXPECT':<15}  REASON")
     for sc in entries:
         print(f"{sc.name:<{w}}  {sc.iommu:<5}  {sc.dma:<4}  {sc.kernel:<11}  {sc.expect:<15}  {sc.reason}")
+    tags = sorted({t for sc in catalog.CATALOG for t in sc.tags})
     print(f"\n{len(entries)} scenarios. Run one: kdump-harness run NAME. Filters: a tag "
-          f"(intel, amd, none, nic, edu, 6.1, 6.12, control, slow), !tag, or a name glob.")
+          f"({', '.join(tags)}), !tag, or a name glob.")
     return EXIT_PASS
 
 
@@ -295,6 +296,31 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     print(m.summary_table())
     return EXIT_PASS if ok else EXIT_VERDICT
+
+
+def cmd_bisect(args: argparse.Namespace) -> int:
+    from . import catalog
+    from .bisect import DEFAULT_BUILD, bisect, check_tree
+
+    catalog.by_name(args.scenario)
+    check_tree(Path(args.tree).expanduser().resolve(), args.good, args.bad)  # bad input: one line, before anything
+    out = Path(args.out) if args.out else default_outdir(f"bisect-{args.scenario}")
+    print(f"kdump-harness bisect: {args.scenario} between {args.good} (good) and {args.bad} (bad) in {args.tree}; "
+          f"output in {out}", file=sys.stderr)
+    try:
+        res = bisect(Path(args.tree), args.good, args.bad, args.scenario, out, build=args.build or DEFAULT_BUILD,
+                     accel=args.accel, expect=args.expect)
+    except KeyboardInterrupt:
+        print(f"interrupted; the tree is back on its branch; steps so far in {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    for st in res["steps"]:
+        print(f"  {st['commit'][:12]}  {st['result']:<4}  {st.get('verdict', st.get('why', ''))[:60]:<20}  "
+              f"{st['subject'][:70]}")
+    if res["first_bad"]:
+        print(f"first bad commit: {res['first_bad'][:12]} {res['first_bad_subject']}")
+        return EXIT_PASS
+    print("no first bad commit found:\n  " + "\n  ".join(res["git_output"]))
+    return EXIT_VERDICT
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -351,6 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--config", dest="kernel_config")
     kg.add_argument("--kernel-tree", metavar="DIR")
     mx.set_defaults(func=cmd_matrix)
+
+    bs = sub.add_parser("bisect", help="find the kernel commit that changed a scenario's verdict (git bisect run)",
+                        description="Bisect a kernel tree between GOOD (scenario gives its expected verdict) and "
+                                    "BAD. Each step builds the tree with its own make, then runs the scenario.")
+    bs.add_argument("good", metavar="GOOD")
+    bs.add_argument("bad", metavar="BAD")
+    bs.add_argument("--scenario", required=True, help="a catalog scenario (kdump-harness list)")
+    bs.add_argument("--tree", required=True, help="the kernel git tree, configured (.config)")
+    bs.add_argument("--build", help="build command run in the tree ({jobs} = CPUs; default: "
+                                    "make olddefconfig && make -j{jobs} bzImage modules)")
+    bs.add_argument("--expect", help="the good verdict (default: the scenario's expected one)")
+    bs.add_argument("--out")
+    bs.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
+    bs.set_defaults(func=cmd_bisect)
 
     rp = sub.add_parser("repro", help="rerun exactly the scenario of a report.json and compare verdicts")
     rp.add_argument("report", metavar="REPORT.json")

@@ -52,7 +52,8 @@ def write_rerun_script(run) -> Path:
     m = run.machine
     sc = run.scenario
     outdir = run.outdir
-    settings = run.run_env().replace("KH_HOLD=1", "KH_HOLD=0")
+    # no waiting for the harness's "go", no --interactive pause (the console is yours anyway)
+    settings = re.sub(r"(?m)^KH_PAUSE=.*$", "KH_PAUSE=''", run.run_env().replace("KH_HOLD=1", "KH_HOLD=0"))
     (outdir / "rerun-settings.cpio").write_bytes(cpio_bytes({"etc/kh/run.env": settings.encode()}))
     argv = manual_argv(m.argv, m.socket_paths, outdir, run.scratch, run.ram_file)
     disk_size = (sc.memory_mb + 256) << 20

@@ -40,7 +40,10 @@ def test_select_by_tag_negation_and_glob():
     amd = catalog.select(["amd"])
     assert amd and all(sc.iommu == "amd" for sc in amd)
     assert all("slow" not in sc.tags for sc in catalog.select(["!slow"]))
-    assert [sc.name for sc in catalog.select(["intel-off-*", "6.12"])] == ["intel-off-edu-6.12"]
+    assert [sc.name for sc in catalog.select(["intel-off-*+6.12"])] == ["intel-off-edu-6.12"]
+    # several terms: any of them
+    assert {sc.name for sc in catalog.select(["intel-copy-edu", "amd-copy-edu"])} == {"intel-copy-edu", "amd-copy-edu"}
+    assert {sc.name for sc in catalog.select(["amd+control", "none-edu"])} == {"amd-off-nic", "none-edu"}
 
 
 def test_run_without_name_is_the_default_scenario():
