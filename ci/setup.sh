@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES="qemu-system-x86 qemu-utils busybox-static kexec-tools makedumpfile cpio kmod xz-utils zstd ethtool
  gcc libc6-dev pkg-config libkdumpfile-dev python3 python3-venv python3-dev clang libclang-rt-14-dev
- chromium fonts-dejavu-core"
+ chromium fonts-dejavu-core debootstrap e2fsprogs"
 
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"

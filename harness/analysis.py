@@ -11,6 +11,8 @@ Every marker record found is put in one class:
 * `old_memory_elsewhere`  anywhere else in old memory (misdirected);
 * `crash_kernel_region`   inside the crashkernel= reservation (the crash kernel's
                           own memory: the worst place);
+* `new_kernel_memory`     after a plain kexec handover, anything sent after it:
+                          all of RAM belongs to the next kernel by then;
 and every transfer sent is `seen` or `never_seen`.
 
 "Where the mapping sent it": for edu, the guest reported each target IOVA's
@@ -34,7 +36,7 @@ from .verdict import Outcome, Verdict
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("old_memory_expected", "old_memory_elsewhere", "crash_kernel_region")
+CLASSES = ("old_memory_expected", "old_memory_elsewhere", "crash_kernel_region", "new_kernel_memory")
 MAX_LISTED = 50
 
 
@@ -119,6 +121,7 @@ class DmaAnalysis:
     after_panic: int = 0                      # records sent after the panic, found
     after_panic_seqs: set = field(default_factory=set)
     canary_pages: list = field(default_factory=list)
+    handover_t: float | None = None  # plain kexec: from here on all RAM is the next kernel's
     by_mib: dict = field(default_factory=lambda: defaultdict(Counter))  # class -> {MiB: records}
 
     def in_crash_region(self, phys: int) -> bool:
@@ -161,6 +164,8 @@ def add_hits(an: DmaAnalysis, hits, view: str, source: DmaSource, gt: GroundTrut
         f = classify(an, hit, view, source, gt)
         if f is None:
             continue
+        if an.handover_t is not None and f.t >= an.handover_t:
+            f.where = "new_kernel_memory"  # sent after a plain kexec: it landed in the next kernel's memory
         an.counts[f.where] += 1
         an.by_mib[f.where][f.phys >> 20] += 1
         an.seen_seqs[f.source].add(f.seq)
@@ -172,9 +177,10 @@ def add_hits(an: DmaAnalysis, hits, view: str, source: DmaSource, gt: GroundTrut
 
 
 def analyze_dma(*, source: DmaSource, nonce: int, vmcore: Path | None, region: RegionSnapshot | None,
-                crash_range, panic_t: float | None, gt: GroundTruth | None, canary_pages: list) -> DmaAnalysis:
+                crash_range, panic_t: float | None, gt: GroundTruth | None, canary_pages: list,
+                handover_t: float | None = None) -> DmaAnalysis:
     an = DmaAnalysis(source.name, nonce, panic_t, tuple(crash_range) if crash_range else None,
-                     canary_pages=list(canary_pages))
+                     canary_pages=list(canary_pages), handover_t=handover_t)
     if vmcore is not None and vmcore.exists():
         with open_dump(vmcore) as dump:
             res = dump.scan(an.nonce, max_markers=1 << 20, allow_unreadable=True)
@@ -203,7 +209,8 @@ def analyze_dma(*, source: DmaSource, nonce: int, vmcore: Path | None, region: R
                     dev.last_translation_t > an.dropped_t - 2.0
                 an.dropped_while_active = bool(after) and recent
             if an.dropped_while_active:
-                an.dropped_evidence = [l for l in gt.evidence if "switch" in l or "off" in l or "cleared" in l][:3]
+                an.dropped_evidence = [l for l in gt.evidence if f"Device {source.bdf}" in l or "switched off" in l
+                                       or "reset the IOMMU" in l or "cleared" in l][:3]
                 an.dropped_evidence.append(f"{len(after)} transfers were sent after translation stopped at "
                                            f"{an.dropped_t:.2f}s")
     return an

@@ -102,6 +102,29 @@ CATALOG: tuple[Scenario, ...] = (
        "the same 96M reservation holds Debian 6.12's crash kernel and initramfs (virtio built in, fewer "
        "modules); the bisect test uses the pair as a footprint regression",
        iommu="intel", dma="none", crashkernel="96M", kernel=K612, tags=("memory",)),
+    _s("virtio-bypass-edu-6.12", "CORRUPTION",
+       "virtio-iommu has no kdump adoption: the crash kernel's driver resets the device (every domain "
+       "dropped) and QEMU's boot-bypass (on by default since 448179e33ea8) lets old DMA through untranslated",
+       iommu="virtio", dma="edu", kernel=K612, tags=("virtio",)),
+    _s("virtio-bypass-nic-6.12", "UNSAFE_HANDOVER",
+       "the same reset with the NIC: its IOVAs go to physical addresses with no RAM behind them here",
+       iommu="virtio", dma="nic", kernel=K612, tags=("virtio",)),
+    _s("virtio-nobypass-edu-6.12", "PASS",
+       "boot-bypass=off: after the crash kernel's reset, old DMA faults (VIRTIO_IOMMU_FAULT) instead of "
+       "landing; the bypass setting decides between corruption and a fault storm",
+       iommu="virtio", iommu_options=("boot-bypass=off",), dma="edu", kernel=K612, tags=("virtio",)),
+    _s("virtio-nodriver-edu-6.12", "NO_VMCORE",
+       "a crash kernel without the virtio-iommu driver: devices behind it (ACPI VIOT) wait for it forever, "
+       "so neither the results port nor the dump disk ever probes",
+       iommu="virtio", dma="edu", kernel=K612, crash_iommu_driver=False, tags=("virtio", "slow")),
+    _s("none-kexec-edu", "CORRUPTION",
+       "plain kexec: shutdown clears bus mastering only of devices a driver enabled (4fc9bbf98fd6 \"PCI: "
+       "Disable Bus Master only on kexec reboot\"); a driverless DMA engine writes on into the next kernel",
+       iommu="none", dma="edu", handover="kexec", tags=("kexec",)),
+    _s("intel-kexec-edu", "CORRUPTION",
+       "plain kexec with VT-d: intel_iommu_shutdown switches translation off for the jump, so until the next "
+       "kernel's IOMMU init in-flight DMA is untranslated and lands in its memory",
+       iommu="intel", dma="edu", handover="kexec", tags=("kexec",)),
     _s("intel-copy-nic-6.12", "PASS", "the Intel copy path on Debian's 6.12 kernel",
        iommu="intel", dma="nic", kernel=K612),
     _s("amd-copy-nic-6.12", "PASS", "the AMD copy path on Debian's 6.12 kernel",

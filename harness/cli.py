@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -25,7 +26,7 @@ from . import __version__
 from .errors import EXIT_INTERRUPTED, EXIT_PASS, EXIT_VERDICT, HarnessError, UsageError
 from .kernels import DEBIAN_FLAVOURS
 from .platforms import IOMMUS
-from .scenario import DMA_SOURCES, DUMP_FORMATS, PANIC_METHODS, Scenario, split_options
+from .scenario import DMA_SOURCES, DUMP_FORMATS, GUESTS, HANDOVERS, PANIC_METHODS, Scenario, split_options
 from .verdict import DESCRIPTIONS, Verdict
 
 PAUSE_PHASES = ("first-boot", "armed", "crash")
@@ -85,6 +86,14 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dma", choices=DMA_SOURCES,
                    help="DMA that outlives the panic: nic (e1000e flooded from the host), edu (aimed transfers "
                         "through the IOMMU), none")
+    g.add_argument("--guest", choices=GUESTS,
+                   help="initramfs: the harness's busybox images (default, fast); debian: a Debian 12 image "
+                        "built with debootstrap whose kdump-tools arms kdump and saves the dump, driven over SSH")
+    g.add_argument("--handover", choices=HANDOVERS,
+                   help="panic: kdump (default); kexec: a plain kexec -l/-e reboot with DMA still running, the "
+                        "second kernel checked through the host's view of its memory")
+    g.add_argument("--no-crash-iommu-driver", dest="crash_iommu_driver", action="store_false", default=None,
+                   help="do not load a modular IOMMU driver (virtio-iommu) in the crash kernel")
     g.add_argument("--crash-load-driver", action="store_true", default=None,
                    help="load the DMA device's driver in the crash kernel too (driver takeover)")
     g.add_argument("--kernel",
@@ -106,6 +115,7 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
 def scenario_overrides(args: argparse.Namespace) -> dict:
     o: dict = {}
     simple = {"iommu": "iommu", "dma": "dma", "crash_load_driver": "crash_load_driver", "kernel": "kernel",
+              "guest": "guest", "crash_iommu_driver": "crash_iommu_driver", "handover": "handover",
               "modules": "modules", "kernel_config": "kernel_config", "memory": "memory_mb",
               "crashkernel": "crashkernel", "panic": "panic_method", "dump_format": "dump_format"}
     for arg, fld in simple.items():
@@ -205,9 +215,16 @@ def prepare_run(args: argparse.Namespace, scenario: Scenario):
     if outdir.exists() and any(outdir.iterdir()):
         raise UsageError(f"output directory {outdir} is not empty; give a new --out DIR")
     progress = Progress()
-    run = KdumpRun(scenario, outdir, accel=args.accel, progress=progress,
-                   pause=getattr(args, "interactive", None), on_pause=console_handover,
-                   keep_ram=getattr(args, "keep_ram", False))
+    if scenario.guest == "debian":
+        from .distro import DistroRun
+        if getattr(args, "interactive", None):
+            raise UsageError("--interactive goes with the initramfs guest; the Debian guest is reachable over "
+                             "SSH (see docs/distro-guest.md)")
+        run = DistroRun(scenario, outdir, accel=args.accel, progress=progress)
+    else:
+        run = KdumpRun(scenario, outdir, accel=args.accel, progress=progress,
+                       pause=getattr(args, "interactive", None), on_pause=console_handover,
+                       keep_ram=getattr(args, "keep_ram", False))
     try:
         run.check_inputs()
     except BaseException:
@@ -241,9 +258,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not entries:
         raise UsageError(f"no catalog entry matches {' '.join(args.filters)}")
     w = max(len(sc.name) for sc in entries)
-    print(f"{'NAME':<{w}}  {'IOMMU':<5}  {'DMA':<4}  {'KERNEL':<11}  {'EXPECT':<15}  REASON")
+    print(f"{'NAME':<{w}}  {'IOMMU':<6}  {'DMA':<4}  {'KERNEL':<11}  {'EXPECT':<15}  REASON")
     for sc in entries:
-        print(f"{sc.name:<{w}}  {sc.iommu:<5}  {sc.dma:<4}  {sc.kernel:<11}  {sc.expect:<15}  {sc.reason}")
+        print(f"{sc.name:<{w}}  {sc.iommu:<6}  {sc.dma:<4}  {sc.kernel:<11}  {sc.expect:<15}  {sc.reason}")
     tags = sorted({t for sc in catalog.CATALOG for t in sc.tags})
     print(f"\n{len(entries)} scenarios. Run one: kdump-harness run NAME. Filters: a tag "
           f"({', '.join(tags)}), !tag, or a name glob.")
@@ -426,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as e:
         print(f"kdump-harness: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # `kdump-harness list | head`: the reader left; so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -89,6 +89,10 @@ class DmaSource:
     def guest_env(self) -> dict[str, str]:
         return {"KH_DMA": self.name}
 
+    def first_append(self) -> tuple[str, ...]:
+        """Options the first kernel needs for this source."""
+        return ()
+
     # schedule, called by the run
     def attach(self, run) -> None:
         self.run = run
@@ -233,7 +237,15 @@ class EduSource(DmaSource):
         return (f"edu,addr={EDU_BDF.split(':')[1]},dma_mask=0xffffffffffffffff",)
 
     def guest_env(self) -> dict[str, str]:
-        return {"KH_DMA": "edu", "KH_EDU_BDF": "0000:" + EDU_BDF, "KH_FIRST_LOAD": "vfio_iommu_type1 vfio_pci"}
+        env = {"KH_DMA": "edu", "KH_EDU_BDF": "0000:" + EDU_BDF, "KH_FIRST_LOAD": "vfio_iommu_type1 vfio_pci"}
+        if self.run is not None and self.run.scenario.handover == "kexec":
+            env["KH_FIRST_LOAD"] = ""  # no driver at all: see khdma edu-raw
+        return env
+
+    def first_append(self) -> tuple[str, ...]:
+        # VFIO refuses an IOMMU without interrupt remapping (virtio-iommu) unless told; edu's
+        # interrupts are never enabled here, so nothing is unsafe about it
+        return ("vfio_iommu_type1.allow_unsafe_interrupts=1",)
 
     def start(self) -> None:
         ev_chan = self.run.machine.events

@@ -11,6 +11,9 @@ Facts from QEMU 7.2 that shape this parser:
   access). When the guest clears GCMD.TE, devices switch to the no-DMAR alias:
   `vtd_switch_address_space ... (iommu enabled=0)` and `vtd_dmar_enable enable 0`,
   after which their DMA goes straight to memory with no trace at all.
+* virtio-iommu: `virtio_iommu_translate_out IOVA -> GPA for sid=N` per translation,
+  `virtio_iommu_report_fault`, `virtio_iommu_device_reset` (a driver reset drops
+  every domain), `virtio_iommu_switch_address_space` (a device moved to bypass).
 * AMD: `amdvi_translation_result devid: B:D.F gpa IOVA hpa PAGE` for every
   access, a zero page-table entry silently gives `hpa 0x0` (the DMA is dropped);
   `amdvi_page_fault` for other faults; `amdvi_control_status` prints the control
@@ -37,6 +40,12 @@ AMD_RESULT = re.compile(r"devid: (?P<b>[0-9a-f]+):(?P<d>[0-9a-f]+)\.(?P<f>[0-9a-
                         r"hpa 0x(?P<gpa>[0-9a-f]+)")
 AMD_FAULT = re.compile(r"page fault accessing guest physical address 0x(?P<addr>[0-9a-f]+)")
 AMD_CONTROL = re.compile(r"MMIO_STATUS state 0x(?P<ctrl>[0-9a-f]+)")
+VIRTIO_TRANSLATE = re.compile(r"0x(?P<iova>[0-9a-f]+) -> 0x(?P<gpa>[0-9a-f]+) for sid=(?P<sid>\d+)")
+VIRTIO_FAULT = re.compile(r"FAULT reason=\d+ flags=\d+ endpoint=(?P<sid>\d+) address =0x(?P<addr>[0-9a-f]+)")
+
+
+def sid_bdf(sid: int) -> str:
+    return f"{sid >> 8:02x}:{(sid >> 3) & 0x1f:02x}.{sid & 7:x}"
 
 PAGE_MASK = ~0xFFF
 
@@ -69,6 +78,7 @@ class GroundTruth:
     faults_after_panic: int = 0
     fault_addrs_after_panic: set = field(default_factory=set)
     translation_off_t: float | None = None   # global: the IOMMU stopped translating after the panic
+    reset_t: float | None = None             # virtio-iommu: the device was reset after the panic
     evidence: list = field(default_factory=list)
     lines: int = 0
 
@@ -87,6 +97,7 @@ class GroundTruth:
         return {
             "iommu": self.iommu, "trace_lines": self.lines, "faults": self.faults,
             "faults_after_panic": self.faults_after_panic, "translation_off_s": self.translation_off_t,
+            "iommu_reset_s": self.reset_t,
             "devices": {b: {"translations": d.translations, "translations_after_panic": d.translations_after_panic,
                             "failed_after_panic": d.failed_after_panic, "target_pages": len(d.target_pages),
                             "switched_off_s": d.switched_off_t, "last_translation_s": d.last_translation_t,
@@ -118,11 +129,16 @@ def parse_trace(path: Path, iommu: str, wall0: float, panic_s: float | None) -> 
             t = float(m.group("t")) - wall0 if m.group("t") else None
             ev, args = m.group("event"), m.group("args")
             line = f"{t:9.3f}s {ev} {args}" if t is not None else f"{ev} {args}"
-            if ev in ("vtd_dmar_translate", "amdvi_translation_result"):
-                a = (VTD_TRANSLATE if ev == "vtd_dmar_translate" else AMD_RESULT).match(args)
+            if ev in ("vtd_dmar_translate", "amdvi_translation_result", "virtio_iommu_translate_out"):
+                if ev == "virtio_iommu_translate_out":
+                    a = VIRTIO_TRANSLATE.match(args)
+                    bdf = sid_bdf(int(a["sid"])) if a else None
+                else:
+                    a = (VTD_TRANSLATE if ev == "vtd_dmar_translate" else AMD_RESULT).match(args)
+                    bdf = bdf_key(a["b"], a["d"], a["f"]) if a else None
                 if not a:
                     continue
-                dev = gt.device(bdf_key(a["b"], a["d"], a["f"]))
+                dev = gt.device(bdf)
                 iova, gpa = int(a["iova"], 16), int(a["gpa"], 16)
                 if ev == "amdvi_translation_result" and gpa == 0:
                     if after(t):
@@ -138,8 +154,9 @@ def parse_trace(path: Path, iommu: str, wall0: float, panic_s: float | None) -> 
                     dev.translations_after_panic += 1
                     if dev.translations_after_panic == 1:
                         _note(gt, dev, line + "  (first translation after the panic)")
-            elif ev in ("vtd_dmar_fault", "amdvi_page_fault"):
-                a = (VTD_FAULT if ev == "vtd_dmar_fault" else AMD_FAULT).search(args)
+            elif ev in ("vtd_dmar_fault", "amdvi_page_fault", "virtio_iommu_report_fault"):
+                a = {"vtd_dmar_fault": VTD_FAULT, "amdvi_page_fault": AMD_FAULT,
+                     "virtio_iommu_report_fault": VIRTIO_FAULT}[ev].search(args)
                 gt.faults += 1
                 if after(t):
                     gt.faults_after_panic += 1
@@ -147,7 +164,11 @@ def parse_trace(path: Path, iommu: str, wall0: float, panic_s: float | None) -> 
                         gt.fault_addrs_after_panic.add(int(a["addr"], 16) & PAGE_MASK)
                     if gt.faults_after_panic <= 3:
                         _note(gt, None, line)
-            elif ev == "vtd_switch_address_space":
+            elif ev == "virtio_iommu_device_reset" and after(t):
+                if gt.reset_t is None:
+                    gt.reset_t = t
+                    _note(gt, None, line + "  (the crash kernel reset the IOMMU: every domain dropped)")
+            elif ev in ("vtd_switch_address_space", "virtio_iommu_switch_address_space"):
                 a = VTD_SWITCH.search(args)
                 if a and not after(t):
                     gt.device(bdf_key(a["b"], a["d"], a["f"])).on_at_panic = a["on"] == "1"

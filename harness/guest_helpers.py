@@ -7,6 +7,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from .arch import arch_info
 from .cache import cache_root, locked
 from .errors import HostError
 
@@ -14,12 +15,15 @@ GUEST_SRC = Path(__file__).resolve().parent.parent / "csrc" / "guest"
 HELPERS = ("khdma",)
 
 
-def build_helper(name: str) -> Path:
+def build_helper(name: str, arch: str = "x86_64") -> Path:
+    """`arch` other than x86_64: cross-compiled with that architecture's compiler
+    (harness.arch), cached under a name that carries the architecture."""
     src = GUEST_SRC / f"{name}.c"
     if not src.exists():
         raise HostError(f"guest helper source {src} is missing")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
-    out = cache_root() / "guest-helpers" / f"{name}-{digest}"
+    a = arch_info(arch)
+    out = cache_root() / "guest-helpers" / (f"{name}-{digest}" if a.name == "x86_64" else f"{name}-{a.name}-{digest}")
     if out.exists():
         return out
     with locked(out):
@@ -28,11 +32,12 @@ def build_helper(name: str) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{name}.", delete=False) as tmp:
             pass
-        argv = ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", tmp.name, str(src)]
+        argv = [a.cc, "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", tmp.name, str(src)]
         try:
             r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         except FileNotFoundError:
-            raise HostError("gcc not found: the guest helpers are compiled on the host (run ci/setup.sh)") from None
+            raise HostError(f"{a.cc} not found: the guest helpers are compiled on the host "
+                            f"(run ci/setup.sh; Debian: {' '.join(a.cc_packages)})") from None
         if r.returncode != 0:
             Path(tmp.name).unlink(missing_ok=True)
             raise HostError(f"compiling {src.name} failed: {r.stderr.strip().splitlines()[-1:] or r.returncode} "
@@ -42,5 +47,5 @@ def build_helper(name: str) -> Path:
     return out
 
 
-def build_all() -> dict[str, Path]:
-    return {name: build_helper(name) for name in HELPERS}
+def build_all(arch: str = "x86_64") -> dict[str, Path]:
+    return {name: build_helper(name, arch) for name in HELPERS}

@@ -124,8 +124,9 @@ def parse_recipe(path: Path) -> list[Directive]:
     return out
 
 
-def parse_module_list(path: Path) -> list[tuple[str, str]]:
-    """(module, when) pairs; when is "boot" or "ondemand"."""
+def parse_module_list(path: Path) -> list[tuple[str, str, bool]]:
+    """(module, when, optional) triples: when is "boot" or "ondemand"; an
+    "optional" module may be missing from the kernel (it is then left out)."""
     out = []
     for n, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -133,9 +134,9 @@ def parse_module_list(path: Path) -> list[tuple[str, str]]:
             continue
         parts = line.split()
         when = parts[1] if len(parts) > 1 else "boot"
-        if when not in ("boot", "ondemand"):
-            raise UsageError(f"{path}:{n}: {when!r} should be boot or ondemand")
-        out.append((parts[0], when))
+        if when not in ("boot", "ondemand") or parts[2:] not in ([], ["optional"]):
+            raise UsageError(f"{path}:{n}: expected MODULE [boot|ondemand] [optional], got {line!r}")
+        out.append((parts[0], when, parts[2:] == ["optional"]))
     return out
 
 
@@ -158,13 +159,25 @@ def shared_libraries(binary: Path) -> list[Path]:
 class Builder:
     """Builds one kernel's initramfs images from recipes, with caching."""
 
-    def __init__(self, kernel: Kernel, recipe_dir: Path = RECIPE_DIR, helpers: dict[str, Path] | None = None):
+    def __init__(self, kernel: Kernel, recipe_dir: Path = RECIPE_DIR, helpers: dict[str, Path] | None = None,
+                 userland=None):
+        """`userland`: None for the host's own programs (a guest of the host's
+        architecture), else a guest root of another architecture (debroot.GuestRoot):
+        where `busybox` and `binary` find programs (`host_path`) and their libraries
+        (`libraries`), plus what that architecture adds to every image: modules
+        loaded at boot (`boot_modules`) and scripts installed in place of a binary,
+        which moves to <path>.bin (`wrappers`: {guest path: script in recipe_dir})."""
         self.kernel = kernel
         self.recipe_dir = Path(recipe_dir)
         self.helpers = helpers or {}
+        self.userland = userland
+        self.boot_modules = tuple(userland.boot_modules) if userland is not None else ()
+        self.wrappers = dict(userland.wrappers) if userland is not None else {}
         self._keys: dict[str, str] = {}
 
     def _host_path(self, p: str) -> Path:
+        if self.userland is not None:
+            return self.userland.host_path(p)
         path = Path(p)
         if not path.exists():
             raise HostError(f"{p} is not on this host; run ci/setup.sh to install the guest tools")
@@ -178,6 +191,11 @@ class Builder:
         recipe = self.recipe_dir / f"{name}.recipe"
         h = hashlib.sha256()
         h.update(f"builder {BUILDER_VERSION}\nkernel {self.kernel.identity}\n".encode())
+        if self.userland is not None:  # (host-userland keys stay what they were)
+            h.update(f"arch {self.kernel.arch}\n{self.userland.key()}boot-modules {' '.join(self.boot_modules)}\n"
+                     .encode())
+            for dest, script in sorted(self.wrappers.items()):
+                h.update(f"wrapper {dest}\n".encode() + (self.recipe_dir / script).read_bytes())
         h.update(recipe.read_bytes() if recipe.exists() else b"")
         for d in parse_recipe(recipe):
             if d.verb in ("script", "modules"):
@@ -217,6 +235,7 @@ class Builder:
         w.chardev("dev/console", 5, 1)
         w.chardev("dev/null", 1, 3, 0o666)
         libs: set[Path] = set()
+        foreign_libs: dict[str, Path] = {}   # guest path -> file in the guest root
         for d in parse_recipe(self.recipe_dir / f"{name}.recipe"):
             a = d.args
             if d.verb == "busybox":
@@ -224,8 +243,15 @@ class Builder:
                 w.symlink("bin/sh", "busybox")
             elif d.verb == "binary":
                 src = self._host_path(a[0])
-                w.file(a[1] if len(a) > 1 else a[0], src.read_bytes(), 0o755)
-                libs.update(shared_libraries(src))
+                dest = a[1] if len(a) > 1 else a[0]
+                if dest in self.wrappers:
+                    w.file(dest, (self.recipe_dir / self.wrappers[dest]).read_bytes(), 0o755)
+                    dest += ".bin"
+                w.file(dest, src.read_bytes(), 0o755)
+                if self.userland is not None:
+                    foreign_libs.update((so.guest_path, so.host_path) for so in self.userland.libraries(src))
+                else:
+                    libs.update(shared_libraries(src))
             elif d.verb == "script":
                 w.file(a[1], (self.recipe_dir / a[0]).read_bytes(), 0o755)
             elif d.verb == "file":
@@ -241,10 +267,14 @@ class Builder:
         for lib in sorted(libs):
             real = lib.resolve()
             w.file(str(lib), real.read_bytes(), 0o755)
+        for guest in sorted(foreign_libs):
+            w.file(guest, foreign_libs[guest].read_bytes(), 0o755)
         w.finish()
 
     def _modules(self, w: CpioWriter, listfile: Path) -> None:
         wanted = parse_module_list(listfile)
+        if self.boot_modules:  # the architecture's own, first
+            wanted = [(m, "boot", False) for m in self.boot_modules] + list(wanted)
         if self.kernel.modules_dir is None:
             # A user kernel without --modules: everything must be built in.
             w.file("etc/kh/boot-modules", b"")
@@ -252,8 +282,8 @@ class Builder:
         index = ModuleIndex(self.kernel.modules_dir)
         written: set[Path] = set()
         boot = []
-        for mod, when in wanted:
-            files = index.resolve([mod])
+        for mod, when, optional in wanted:
+            files = index.resolve([mod], optional={mod} if optional else frozenset())
             dests = []
             for f in files:
                 dest = f"lib/modules/{f.name.split('.ko')[0]}.ko"

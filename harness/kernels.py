@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .arch import arch_info
 from .cache import build_dir, cache_root, file_digest, locked
 from .errors import HostError, UsageError
 
@@ -36,13 +37,15 @@ DEFAULT_KERNEL = "debian-6.1"
 
 # Options that must be built in (=y); all others may be modules (=m) too.
 BUILTIN_ONLY = {"CRASH_DUMP", "PROC_VMCORE", "KEXEC", "RELOCATABLE", "BLK_DEV_INITRD", "DEVTMPFS",
-                "SERIAL_8250_CONSOLE", "INTEL_IOMMU", "AMD_IOMMU", "IRQ_REMAP", "PCI"}
+                "SERIAL_8250_CONSOLE", "INTEL_IOMMU", "AMD_IOMMU", "IRQ_REMAP", "PCI",
+                "SERIAL_AMBA_PL011_CONSOLE", "ARM_SMMU_V3"}
 WHY = {
     "CRASH_DUMP": "kdump", "PROC_VMCORE": "the crash kernel's /proc/vmcore", "KEXEC": "kexec -p",
     "RELOCATABLE": "a crash kernel loaded at the reserved address", "BLK_DEV_INITRD": "the initramfs",
     "DEVTMPFS": "/dev in the initramfs", "SERIAL_8250_CONSOLE": "the serial console",
     "INTEL_IOMMU": "--iommu intel", "AMD_IOMMU": "--iommu amd", "IRQ_REMAP": "intremap=on",
     "VIRTIO_PCI": "the dump disk", "VIRTIO_BLK": "the dump disk", "VIRTIO_CONSOLE": "the results port",
+    "SERIAL_AMBA_PL011_CONSOLE": "the serial console (arm64 virt)", "ARM_SMMU_V3": "--iommu smmuv3",
 }
 
 
@@ -58,6 +61,7 @@ class Kernel:
     identity: str                 # cache key: package+version, or content hash
     package: str | None = None    # Debian package name
     version: str | None = None    # Debian package version
+    arch: str = "x86_64"          # the architecture it runs on (harness.arch)
     config: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to_json(self) -> dict:
@@ -66,6 +70,7 @@ class Kernel:
             "modules_dir": str(self.modules_dir) if self.modules_dir else None,
             "config": str(self.config_path) if self.config_path else None,
             "package": self.package, "version": self.version, "identity": self.identity,
+            "arch": self.arch,
         }
 
 
@@ -125,15 +130,16 @@ def _apt_show(pkg: str) -> dict[str, str]:
     return fields
 
 
-def debian_package_for(flavour: str) -> tuple[str, str]:
+def debian_package_for(flavour: str, arch: str = "x86_64") -> tuple[str, str]:
     """(package, version) of the kernel a friendly name stands for, today."""
-    meta = DEBIAN_FLAVOURS[flavour]
+    a = arch_info(arch)
+    meta = a.debian_package(a.kernel_meta[flavour])
     depends = _apt_show(meta).get("Depends", "")
     m = re.search(r"(linux-image-[0-9][^ ,|]*)", depends)
     if not m:
         raise HostError(f"cannot tell which kernel {meta} points to (Depends: {depends!r}); run apt-get update")
     pkg = m.group(1)
-    return pkg, _apt_show(pkg)["Version"]
+    return pkg, _apt_show(a.debian_package(pkg))["Version"]
 
 
 def _find_release_dir(root: Path) -> Path:
@@ -145,23 +151,25 @@ def _find_release_dir(root: Path) -> Path:
     raise HostError(f"no lib/modules/<release> in {root}")
 
 
-def fetch_debian_kernel(flavour_or_pkg: str) -> Kernel:
+def fetch_debian_kernel(flavour_or_pkg: str, arch: str = "x86_64") -> Kernel:
     """A friendly name (debian-6.1), or debian:<package> (current version) or
-    debian:<package>=<version> (exactly that build, from the cache or the archive)."""
+    debian:<package>=<version> (exactly that build, from the cache or the archive).
+    `arch` other than the host's: that architecture's package (pkg:arm64)."""
     spec = flavour_or_pkg
+    a = arch_info(arch)
     pinned = None
     if flavour_or_pkg.startswith("debian:") and "=" in flavour_or_pkg:
         pkg, pinned = flavour_or_pkg.split(":", 1)[1].split("=", 1)
     try:
         if pinned is not None:
             version = pinned
-        elif flavour_or_pkg in DEBIAN_FLAVOURS:
-            pkg, version = debian_package_for(flavour_or_pkg)
+        elif flavour_or_pkg in a.kernel_meta:
+            pkg, version = debian_package_for(flavour_or_pkg, a.name)
         else:
             pkg = flavour_or_pkg.split(":", 1)[1]
-            version = _apt_show(pkg)["Version"]
+            version = _apt_show(a.debian_package(pkg))["Version"]
     except HostError as e:
-        cached = _newest_cached(flavour_or_pkg)
+        cached = _newest_cached(flavour_or_pkg, a.debian)
         if cached is None:
             raise
         log.warning("%s; using the cached %s", e, cached.name)
@@ -169,24 +177,27 @@ def fetch_debian_kernel(flavour_or_pkg: str) -> Kernel:
     root = cache_root() / "kernels" / f"{pkg}_{version}"
     with locked(root):
         if not (root / ".complete").exists():
-            _unpack_debian(pkg, version, root)
+            _unpack_debian(a.debian_package(pkg), version, root)
     rel_dir = _find_release_dir(root)
     release = rel_dir.name
     image = root / "boot" / f"vmlinuz-{release}"
     config = root / "boot" / f"config-{release}"
     return Kernel(spec=spec, release=release, image=image, modules_dir=rel_dir,
                   config_path=config if config.exists() else None, identity=f"debian:{pkg}={version}",
-                  package=pkg, version=version, config=parse_config(config) if config.exists() else {})
+                  package=pkg, version=version, config=parse_config(config) if config.exists() else {},
+                  arch=a.name)
 
 
-def _newest_cached(flavour_or_pkg: str) -> Path | None:
+def _newest_cached(flavour_or_pkg: str, debarch: str = "amd64") -> Path | None:
     base = cache_root() / "kernels"
     if not base.is_dir():
         return None
     prefix = {"debian-6.1": "linux-image-6.1.", "debian-6.12": "linux-image-6.12."}.get(flavour_or_pkg, "")
     if not prefix:
         prefix = flavour_or_pkg.split(":", 1)[-1] + "_"
-    found = sorted(d for d in base.iterdir() if d.name.startswith(prefix) and (d / ".complete").exists())
+    # Debian kernel packages end in -<arch> (or -<arch>-unsigned): keep other architectures' out
+    found = sorted(d for d in base.iterdir() if d.name.startswith(prefix) and (d / ".complete").exists()
+                   and re.search(rf"-{debarch}(?:-unsigned)?_", d.name))
     return found[-1] if found else None
 
 
@@ -222,6 +233,18 @@ def bzimage_release(image: Path) -> str | None:
     return s.split()[0] if s else None
 
 
+def banner_release(image: Path) -> str | None:
+    """The release in an uncompressed kernel image's "Linux version X" banner (an
+    arm64 Image has no setup header to read it from)."""
+    try:
+        with open(image, "rb") as f:
+            data = f.read(64 << 20)
+    except OSError:
+        return None
+    m = re.search(rb"Linux version (\S+) \(", data)
+    return m.group(1).decode("ascii", "replace") if m else None
+
+
 def _user_modules_dir(modules: Path, release: str | None) -> Path:
     for cand in ([modules / "lib/modules" / release, modules / release] if release else []) + [modules]:
         if (cand / "kernel").is_dir() or (cand / "modules.order").exists() or (cand / "modules.dep").exists():
@@ -239,7 +262,7 @@ def _user_config(image: Path, modules_dir: Path | None, release: str | None) -> 
     if release:
         cands.append(image.parent / f"config-{release}")
     cands.append(image.parent / ".config")
-    if image.parent.name == "boot" and image.parent.parent.name == "x86":  # arch/x86/boot/bzImage
+    if image.parent.name == "boot" and image.parent.parent.name in ("x86", "arm64"):  # arch/*/boot/{bzImage,Image}
         cands.append(image.parents[3] / ".config")
     if modules_dir is not None:
         cands += [modules_dir / "build" / ".config", modules_dir / "config"]
@@ -254,7 +277,7 @@ def user_kernel(image: str | Path, modules: str | Path | None, config: str | Pat
     if not image.is_file():
         raise UsageError(f"kernel image {image} does not exist; give the path of a bzImage "
                          f"(arch/x86/boot/bzImage) or a Debian kernel name ({', '.join(DEBIAN_FLAVOURS)})")
-    release = bzimage_release(image)
+    release = bzimage_release(image) or banner_release(image)
     modules_dir = None
     if modules is not None:
         mpath = Path(modules).expanduser()
@@ -307,19 +330,21 @@ def tree_kernel(tree: str | Path) -> Kernel:
     return user_kernel(image, modules, config)
 
 
-def resolve_kernel(spec: str | None = None, modules: str | None = None, config: str | None = None) -> Kernel:
+def resolve_kernel(spec: str | None = None, modules: str | None = None, config: str | None = None,
+                   arch: str = "x86_64") -> Kernel:
     spec = spec or DEFAULT_KERNEL
     if spec in DEBIAN_FLAVOURS or spec.startswith("debian:"):
         if modules:
             raise UsageError("--modules goes with --kernel PATH, not with a Debian kernel (its modules come with it)")
-        k = fetch_debian_kernel(spec)
+        k = fetch_debian_kernel(spec, arch)
         if config:
             cpath = Path(config)
             return Kernel(**{**k.__dict__, "config_path": cpath, "config": parse_config(cpath)})
         return k
     if spec.startswith("debian"):
         raise UsageError(f"unknown Debian kernel {spec!r}; choose one of {', '.join(DEBIAN_FLAVOURS)} or debian:<package>")
-    return user_kernel(spec, modules, config)
+    k = user_kernel(spec, modules, config)
+    return k if arch_info(arch).name == "x86_64" else Kernel(**{**k.__dict__, "arch": arch_info(arch).name})
 
 
 # -- modules -------------------------------------------------------------------------

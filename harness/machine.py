@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .arch import arch_info
 from .channels import ConsoleSpawn, EventChannel, Listener
 from .deadline import Deadline
 from .errors import HostError
@@ -31,6 +33,8 @@ from .qmp import Qmp
 from .qtest import Qtest
 
 PR_SET_PDEATHSIG = 1
+# What QEMU says when it, not the guest, failed (a device model's assertion, hw_error)
+QEMU_FAILED_RE = r"Assertion .* failed|core dumped|qemu-system-\w+: .*(?:[Aa]bort|[Ee]rror)"
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -106,14 +110,14 @@ class Sockets:
 
 
 def machine_args(spec: MachineSpec) -> list[str]:
-    opts = ["q35"] + list(iommu_model(spec.iommu).machine_options)
+    opts = [arch_info(spec.arch).machine_value()] + list(iommu_model(spec.iommu).machine_options)
     if spec.ram_file is not None:
         opts.append("memory-backend=ram0")
     return ["-machine", ",".join(opts)]
 
 
 def accel_args(spec: MachineSpec) -> list[str]:
-    cpu = "host" if spec.accel == "kvm" else "max"
+    cpu = arch_info(spec.arch).cpu(spec.accel)
     return ["-accel", spec.accel, "-cpu", cpu, "-smp", str(spec.smp)]
 
 
@@ -133,7 +137,8 @@ def iommu_args(spec: MachineSpec) -> list[str]:
 
 
 def kernel_args(spec: MachineSpec) -> list[str]:
-    return ["-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", " ".join(spec.append)]
+    append = arch_info(spec.arch).kernel_cmdline(spec.append)  # console=ttyS0 -> ttyAMA0 on arm64
+    return ["-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", " ".join(append)]
 
 
 def drive_args(spec: MachineSpec) -> list[str]:
@@ -188,6 +193,13 @@ def channel_args(spec: MachineSpec, s: Sockets) -> list[str]:
     return args
 
 
+def arch_device_args(spec: MachineSpec) -> list[str]:
+    """What the architecture's machine lacks: a keyboard for send-key sysrq on arm64
+    virt (last, so the other devices keep their PCI slots)."""
+    kbd = arch_info(spec.arch).keyboard_device
+    return ["-device", kbd] if kbd else []
+
+
 def trace_args(spec: MachineSpec, trace_file: Path) -> list[str]:
     if not spec.trace_events:
         return []
@@ -215,6 +227,7 @@ def build_argv(spec: MachineSpec, sockets: Sockets, trace_file: Path) -> list[st
         *device_args(spec),
         *user_net_args(spec),
         *channel_args(spec, sockets),
+        *arch_device_args(spec),
         *trace_args(spec, trace_file),
         *spec.extra_args,
     ]
@@ -279,7 +292,8 @@ class Machine:
 
     def launch(self) -> "Machine":
         if shutil.which(self.spec.binary) is None:
-            raise HostError(f"{self.spec.binary} not found; install it (Debian: apt-get install qemu-system-x86)")
+            raise HostError(f"{self.spec.binary} not found; install it (Debian: apt-get install "
+                            f"{arch_info(self.spec.arch).qemu_package})")
         self.outdir.mkdir(parents=True, exist_ok=True)
         try:
             # Unix socket paths are limited to 108 bytes: keep them short, under /tmp.
@@ -334,6 +348,17 @@ class Machine:
         except subprocess.TimeoutExpired:
             return None
         return self.returncode
+
+    def failure(self) -> str | None:
+        """When QEMU has exited because QEMU itself failed (killed by a signal we did
+        not send, an assertion in a device model): what it said. None otherwise."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        rc = self.proc.poll()
+        tail = self._output_tail(1000).strip()
+        if rc < 0 or re.search(QEMU_FAILED_RE, tail):
+            return f"QEMU itself failed (status {rc}): {tail.splitlines()[-1] if tail else 'no output'}"
+        return None
 
     def _output_tail(self, nbytes: int = 2000) -> str:
         try:

@@ -36,6 +36,13 @@ class IommuModel:
     trace_events: tuple[str, ...] = ()
     # guest-physical base of the register block (for host-side probes over qtest)
     mmio_base: int | None = None
+    # kernel modules that are the IOMMU driver (loaded first, in both kernels)
+    modules: tuple[str, ...] = ()
+
+    @property
+    def present(self) -> bool:
+        """The machine has this IOMMU (smmuv3 is a machine property, so `device` is None)."""
+        return self.device is not None or self.name != "none"
 
     def copied(self, text: str) -> bool | None:
         """True/False when the crash kernel said whether it copied the old tables;
@@ -92,6 +99,50 @@ IOMMUS: dict[str, IommuModel] = {
             trace_events=("amdvi_translation_result", "amdvi_page_fault", "amdvi_dte_get_fail",
                           "amdvi_control_status"),
             mmio_base=None,
+        ),
+        IommuModel(
+            name="virtio",
+            title="virtio-iommu (QEMU virtio-iommu-pci, ACPI VIOT)",
+            device="virtio-iommu-pci",
+            machine_options=(),
+            first_append=(),
+            crash_append=(),
+            config_needed=("VIRTIO_IOMMU", "ACPI_VIOT"),
+            # no kdump adoption: the driver resets the device, which drops every domain; what
+            # happens to old DMA then is the device's bypass setting (QEMU boot-bypass, default on)
+            not_copied_re=(r"virtio_iommu virtio\d+: input address",),
+            init_done_re=r"virtio_iommu virtio\d+: input address",
+            fault_re=r"virtio_iommu virtio\d+: .*fault",
+            trace_events=("virtio_iommu_translate_out", "virtio_iommu_report_fault",
+                          "virtio_iommu_switch_address_space", "virtio_iommu_device_reset",
+                          "virtio_iommu_attach", "virtio_iommu_detach"),
+            modules=("virtio_iommu",),
+        ),
+        IommuModel(
+            name="smmuv3",
+            title="Arm SMMUv3 (QEMU virt iommu=smmuv3)",
+            device=None,                      # a property of the virt machine, not a -device
+            machine_options=("iommu=smmuv3",),
+            first_append=(),
+            crash_append=(),
+            config_needed=("ARM_SMMU_V3",),
+            # arm-smmu-v3 never adopts the old stream table: a kdump kernel that finds the
+            # SMMU enabled sets GBPA to abort, disables it, installs its own stream table
+            # (unattached streams abort: disable_bypass) and enables it again without the
+            # event queue (Linux since v5.2, b63b3439b856; QEMU 7.2 does not implement GBPA,
+            # so its DMA bypasses the SMMU while SMMUEN is 0)
+            not_copied_re=(r"arm-smmu-v3 \S+: SMMU currently enabled! Resetting\.\.\.",),
+            # streams without a driver bypass (arm-smmu-v3.disable_bypass=0), or every
+            # domain is an identity map (iommu.passthrough=1)
+            disabled_re=(r"Kernel command line:.*\barm-smmu-v3\.disable_bypass=(?:0|n|N)\b",
+                         r"Kernel command line:.*\biommu\.passthrough=(?:1|y|Y|on)\b"),
+            # the first kernel's event queue; a kdump kernel runs without one
+            fault_re=r"arm-smmu-v3 \S+: event 0x[0-9a-f]+ received",
+            # the first device attached after the reset
+            init_done_re=r"Adding to iommu group \d+",
+            trace_events=("smmuv3_translate_success", "smmuv3_translate_abort", "smmuv3_translate_bypass",
+                          "smmuv3_translate_disable", "smmuv3_record_event", "smmuv3_write_mmio"),
+            mmio_base=0x09050000,             # virt's VIRT_SMMU
         ),
         IommuModel(
             name="none",

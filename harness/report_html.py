@@ -46,6 +46,7 @@ VERDICT_COLOURS = {
     "NO_KDUMP": "#6a1b9a",
     "KDUMP_PANIC": "#ad1457",
     "KDUMP_HANG": "#ad1457",
+    "NO_VMCORE": "#ad1457",
     "ERROR": "#455a64",
 }
 UNKNOWN_VERDICT_COLOUR = "#455a64"

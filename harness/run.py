@@ -31,7 +31,7 @@ from . import __version__, markers
 from .accel import AccelChoice, choose_accel
 from .dma import DmaSource, make_source
 from .deadline import Deadline
-from .errors import DeadlineExceeded, HarnessError, MachineExited, UsageError
+from .errors import DeadlineExceeded, HarnessError, HostError, MachineExited, UsageError
 from .guest_helpers import build_all
 from .initramfs import Builder, with_settings
 from .kernels import Kernel, check_config, resolve_kernel
@@ -211,7 +211,7 @@ class KdumpRun:
         env = {
             "KH_CRASH_APPEND": " ".join(s.crash_cmdline()),
             "KH_DUMP_FORMAT": s.dump_format,
-            "KH_HANDOVER": "panic",
+            "KH_HANDOVER": s.handover,
             "KH_FIRST_LOAD": "",
             "KH_CRASH_LOAD": "",
             "KH_PAUSE": self.pause_phase or "",
@@ -220,13 +220,17 @@ class KdumpRun:
             "KH_HOLD": "1",  # the crash kernel waits for "go": the host reads its memory first
         }
         env.update(self.dma.guest_env())
+        # a modular IOMMU driver is loaded before any other module (lib.sh load_boot_modules)
+        env["KH_IOMMU_LOAD"] = " ".join(self.iommu.modules)
+        env["KH_CRASH_IOMMU_LOAD"] = " ".join(self.iommu.modules) if s.crash_iommu_driver else ""
         from shlex import quote
         return "".join(f"{k}={quote(v)}\n" for k, v in env.items())
 
     def machine_spec(self) -> MachineSpec:
         s = self.scenario
         return MachineSpec(
-            name="guest", kernel=self.kernel.image, initrd=self.initrd, append=s.first_cmdline(),
+            name="guest", kernel=self.kernel.image, initrd=self.initrd,
+            append=s.first_cmdline() + self.dma.first_append(),
             accel=self.accel.accel, memory_mb=s.memory_mb, iommu=s.iommu, iommu_options=s.iommu_options,
             drives=(Drive("dump", self.dump_disk, "khdump"),),
             netdevs=self.dma.netdevs(self.scratch) if self.scratch else (),
@@ -273,39 +277,62 @@ class KdumpRun:
             self.dma.pre_panic()
 
     def panic(self) -> None:
+        """End the first kernel: a panic (kdump), or a plain `kexec -e` (handover kexec)."""
         m = self.machine
-        with self.phase("panic", self.scenario.panic_method):
+        kexec = self.scenario.handover == "kexec"
+        with self.phase("panic", "kexec -e" if kexec else self.scenario.panic_method):
             m.console.skip_pending()
             self.crash_events_from = m.events.position()
-            self.mark("panic")
-            if self.scenario.panic_method == "nmi":
-                m.qmp.cmd("inject-nmi")
+            if kexec:
+                m.events.send("kexec")
+                ev = self._wait_event(("handover", "handover-failed"),
+                                      Deadline(BUDGET["arm"], "the first kernel to run kexec -e"), Verdict.NO_KDUMP)
+                if ev.name != "handover":
+                    raise Stop(Verdict.NO_KDUMP, f"kexec -e failed ({ev.raw})", self._console_tail())
+                self.mark("panic")  # the old kernel is gone from here on, as after a panic
             else:
-                keys = [{"type": "qcode", "data": k} for k in ("alt", "sysrq", "c")]
-                m.qmp.cmd("send-key", keys=keys)
-            deadline = Deadline(BUDGET["panic"], "the crash kernel's banner")
+                self.mark("panic")
+                if self.scenario.panic_method == "nmi":
+                    m.qmp.cmd("inject-nmi")
+                else:
+                    keys = [{"type": "qcode", "data": k} for k in ("alt", "sysrq", "c")]
+                    m.qmp.cmd("send-key", keys=keys)
+            deadline = Deadline(BUDGET["panic"], f"the {self.next_kernel}'s banner")
             self.dma.on_phase("during_kexec")
             try:
                 m.console.expect_within([BANNER_RE], deadline)
             except MachineExited:
-                raise Stop(Verdict.NO_KDUMP, "QEMU exited after the panic: the kernel rebooted instead of "
-                                             "starting the crash kernel", self._console_tail()) from None
+                self._check_qemu()
+                raise Stop(Verdict.NO_KDUMP, f"QEMU exited after the {'kexec' if kexec else 'panic'}: the kernel "
+                                             f"rebooted instead of starting the {self.next_kernel}",
+                           self._console_tail()) from None
             except DeadlineExceeded as e:
                 raise Stop(Verdict.NO_KDUMP, f"{e}", self._console_tail()) from None
             self.mark("crash_kernel_start")
             self.dma.on_phase("crash_early")
 
+    @property
+    def next_kernel(self) -> str:
+        return "second kernel" if self.scenario.handover == "kexec" else "crash kernel"
+
     def follow_crash(self) -> None:
         m = self.machine
         with self.phase("crash", "crash kernel boot"):
-            self._wait_crash(("boot",), Deadline(BUDGET["crash"], "the crash kernel's userspace"))
+            self._wait_crash(("boot",), Deadline(BUDGET["crash"], f"the {self.next_kernel}'s userspace"))
             self.mark("crash_userspace")
-            self._wait_crash(("crash-ready",), Deadline(BUDGET["crash"], "the crash kernel to load its modules"))
+            self._wait_crash(("crash-ready",), Deadline(BUDGET["crash"], f"the {self.next_kernel} to load its modules"))
             self.dma.on_phase("crash_userspace")
             self.dma.stop()
             self.mark("dma_stopped")
             self.snapshot_region()
             m.events.send("go")
+        if self.scenario.handover == "kexec":
+            # nothing to dump: the second kernel is checked through the host's view of its memory
+            self._wait_crash(("second-done",), Deadline(BUDGET["crash"], "the second kernel to finish"))
+            if m.wait_exit(Deadline(BUDGET["poweroff"], "the second kernel to power off")) is None:
+                log.warning("the second kernel did not power off; stopping QEMU")
+            self.mark("crash_kernel_exit")
+            return
         gib = max(1.0, self.scenario.memory_mb / 1024)
         with self.phase("capture", self.scenario.dump_format):
             start = self._wait_crash(("capture-start",), Deadline(BUDGET["crash"], "the dump to start"))
@@ -322,10 +349,12 @@ class KdumpRun:
         with self.phase("collect"):
             self.machine.shutdown()
             self._split_consoles()
+            if self.scenario.handover == "kexec":
+                return  # no vmcore after a plain kexec
             rc = self.state.facts.get("capture_rc")
             size = self.state.facts.get("vmcore_size") or 0
             if rc != 0:
-                raise Stop(Verdict.KDUMP_HANG if rc is None else Verdict.KDUMP_PANIC,
+                raise Stop(Verdict.KDUMP_HANG if rc is None else Verdict.NO_VMCORE,
                            f"the crash kernel failed to write the vmcore (rc={rc})", self._console_tail())
             if self.scenario.dump_format == "elf":
                 vmcore = self.outdir / "vmcore"
@@ -343,6 +372,9 @@ class KdumpRun:
         with self.phase("analyze"):
             self.console_facts()  # also marks when the crash kernel's IOMMU driver was done
             facts = self.state.facts
+            if self.scenario.handover == "kexec":
+                return self.dma_outcome(["plain kexec handover: no vmcore; the host read the second kernel's "
+                                         "memory when it reached its userspace"])
             if facts.get("vmcore_format") not in ("elf64", "kdump-compressed"):
                 return Outcome(Verdict.KDUMP_PANIC, "the vmcore is not a readable dump",
                                [f"{self.vmcore}: format {facts.get('vmcore_format')}"])
@@ -350,15 +382,20 @@ class KdumpRun:
             if self.iommu.device:
                 evidence.append(f"crash kernel copied the old IOMMU tables: {facts['iommu_copied']}; "
                                 f"faults logged: {facts['iommu_faults']}")
-            dma_outcome = self.analyze_dma()
-            if dma_outcome is not None:
-                return dma_outcome
-            rep = self.analysis_report
-            evidence.append(f"{rep['source']}: sent {rep['sent']} ({rep['sent_after_panic']} after the panic), "
-                            f"seen {rep['seen']}, records landed {rep['landed']}, after the panic "
-                            f"{rep['landed_after_panic']}; IOMMU faults after the panic: {rep['faulted']}; "
-                            f"canaries intact {rep['canaries']['intact']}/{rep['canaries']['count']}")
-            return Outcome(Verdict.PASS, "vmcore captured; nothing wrong found", evidence)
+            return self.dma_outcome(evidence)
+
+    def dma_outcome(self, evidence: list[str]) -> Outcome:
+        """The verdict from the DMA analysis, PASS when nothing stands against it."""
+        dma_outcome = self.analyze_dma()
+        if dma_outcome is not None:
+            return dma_outcome
+        rep = self.analysis_report
+        evidence.append(f"{rep['source']}: sent {rep['sent']} ({rep['sent_after_panic']} after the panic), "
+                        f"seen {rep['seen']}, records landed {rep['landed']}, after the panic "
+                        f"{rep['landed_after_panic']}; IOMMU faults after the panic: {rep['faulted']}; "
+                        f"canaries intact {rep['canaries']['intact']}/{rep['canaries']['count']}")
+        what = "the second kernel came up" if self.scenario.handover == "kexec" else "vmcore captured"
+        return Outcome(Verdict.PASS, f"{what}; nothing wrong found", evidence)
 
     def snapshot_region(self) -> None:
         """Read the crash kernel's reservation from the host's RAM view, now: after
@@ -366,6 +403,8 @@ class KdumpRun:
         from .analysis import snapshot_crash_region
 
         crash = self.state.facts.get("crash_kernel_range")
+        if self.scenario.handover == "kexec":
+            crash = (0, 2 ** 64 - 1)  # after a plain kexec all of RAM is the second kernel's
         if self.region is None and crash and self.ram_file is not None and self.ram_file.exists():
             self.region = snapshot_crash_region(self.ram_file, self.scenario.memory_mb, crash, self.nonce, self.now())
 
@@ -377,9 +416,12 @@ class KdumpRun:
         panic_t = self.state.marks.get("panic")
         gt = parse_trace(self.machine.trace_log, self.scenario.iommu, self.wall0, panic_t) \
             if self.iommu.device else None
+        kexec = self.scenario.handover == "kexec"
         an = analyze_dma(source=self.dma, nonce=self.nonce, vmcore=self.vmcore, region=self.region,
-                         crash_range=self.state.facts.get("crash_kernel_range"),
-                         panic_t=panic_t, gt=gt, canary_pages=self.state.facts.get("canaries", []))
+                         crash_range=None if kexec else self.state.facts.get("crash_kernel_range"),
+                         panic_t=panic_t, gt=gt, handover_t=panic_t if kexec else None,
+                         # after a plain kexec the first kernel's canary pages are the second kernel's to reuse
+                         canary_pages=[] if kexec else self.state.facts.get("canaries", []))
         if gt is not None and "crash_iommu_init" not in self.state.marks and gt.translation_off_t is not None \
                 and gt.translation_off_t < self.state.marks.get("captured", float("inf")):
             self.state.marks["crash_iommu_init"] = round(gt.translation_off_t, 3)  # it switched translation off
@@ -403,10 +445,17 @@ class KdumpRun:
                                          self.machine.alive, since=since)
             deadline = Deadline(deadline.seconds, deadline.what, scale=1)
 
+    def _check_qemu(self) -> None:
+        """QEMU exited: if QEMU itself failed, that is not the kernel's doing."""
+        failure = self.machine.failure() if self.machine is not None else None
+        if failure:
+            raise HostError(failure)
+
     def _wait_event(self, names, deadline: Deadline, verdict: Verdict):
         try:
             return self._wait(names, deadline)
         except MachineExited:
+            self._check_qemu()
             raise Stop(verdict, f"QEMU exited while waiting for {deadline.what}", self._console_tail()) from None
         except DeadlineExceeded as e:
             raise Stop(verdict, str(e), self._console_tail()) from None
@@ -417,14 +466,23 @@ class KdumpRun:
         try:
             return self._wait(names, deadline, since=self.crash_events_from)
         except MachineExited:
+            self._check_qemu()
             self._split_consoles()
-            panicked = re.search(PANIC_RE, self.crash_console)
-            raise Stop(Verdict.KDUMP_PANIC, f"the crash kernel {'panicked' if panicked else 'rebooted'} "
-                       f"before {deadline.what}", self._console_tail()) from None
+            if re.search(PANIC_RE, self.crash_console):
+                raise Stop(Verdict.KDUMP_PANIC, f"the {self.next_kernel} panicked before {deadline.what}",
+                           self._console_tail()) from None
+            if "kdump-harness: crash kernel userspace" in self.crash_console:
+                said = [f"console: {l.strip()}" for l in self.crash_console.splitlines()
+                        if l.startswith("kdump-harness:")]
+                raise Stop(Verdict.NO_VMCORE, f"the crash kernel's userspace ran but powered off without a "
+                           f"vmcore (waiting for {deadline.what})", said[-8:] + self._console_tail(4)) from None
+            raise Stop(Verdict.KDUMP_PANIC, f"the {self.next_kernel} rebooted before {deadline.what}",
+                       self._console_tail()) from None
         except DeadlineExceeded as e:
             self._split_consoles()
             if re.search(PANIC_RE, self.crash_console):
-                raise Stop(Verdict.KDUMP_PANIC, f"the crash kernel panicked ({e})", self._console_tail()) from None
+                raise Stop(Verdict.KDUMP_PANIC, f"the {self.next_kernel} panicked ({e})",
+                           self._console_tail()) from None
             raise Stop(Verdict.KDUMP_HANG, str(e), self._console_tail()) from None
 
     def console_facts(self) -> None:
@@ -477,7 +535,7 @@ class KdumpRun:
             self.collect()
             self.outcome = self.analyze()
         except Stop as s:
-            self.outcome = s.outcome
+            self.outcome = self.postmortem(s.outcome)
         except UsageError:
             raise
         except HarnessError as e:
@@ -488,6 +546,29 @@ class KdumpRun:
         finally:
             self.finish()
         return self.outcome
+
+    def postmortem(self, outcome: Outcome) -> Outcome:
+        """The next kernel failed (panicked, hung, saved nothing): was in-flight DMA
+        the cause? Read its memory from the host's side, as on a good run, and
+        blame corruption first when markers landed where they must not."""
+        if outcome.verdict not in (Verdict.NO_KDUMP, Verdict.KDUMP_PANIC, Verdict.KDUMP_HANG, Verdict.NO_VMCORE) \
+                or self.dma.name == "none" or "panic" not in self.state.marks:
+            return outcome
+        try:
+            self.dma.stop()
+            if self.machine is not None:
+                self.machine.shutdown(graceful=False)
+            # once the crash kernel copies /proc/vmcore its own memory holds copies of old memory
+            if self.region is None and self.machine.events.find("capture-start", self.crash_events_from) is None:
+                self.snapshot_region()
+            dma = self.analyze_dma()
+        except Exception as e:  # a failed post-mortem must not hide the verdict it explains
+            log.warning("post-mortem DMA analysis failed: %s", e)
+            return outcome
+        if dma is not None and dma.verdict == Verdict.CORRUPTION:
+            return Outcome(Verdict.CORRUPTION, f"{dma.reason}; then {outcome.reason}",
+                           dma.evidence + outcome.evidence[-6:])
+        return outcome
 
     def finish(self) -> None:
         """Reap QEMU, keep every log, write report.json. Safe to call twice."""
@@ -544,6 +625,7 @@ class KdumpRun:
                 "size": self.vmcore.stat().st_size if self.vmcore and self.vmcore.exists() else None,
                 "crash_kernel_range": f.get("crash_kernel_range"),
                 "crash_cmdline": " ".join(self.scenario.crash_cmdline()),
+                "handover": self.scenario.handover,
             },
             "iommu": {
                 "type": self.scenario.iommu,

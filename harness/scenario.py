@@ -19,6 +19,8 @@ DEFAULT_CRASH_BASE = ("irqpoll", "nr_cpus=1", "reset_devices")
 PANIC_METHODS = ("nmi", "sysrq")
 DUMP_FORMATS = ("elf", "kdump")
 DMA_SOURCES = ("none", "nic", "edu")
+GUESTS = ("initramfs", "debian")
+HANDOVERS = ("panic", "kexec")
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class Scenario:
     dma: str = "none"                        # none, nic, edu (harness.dma)
     crash_load_driver: bool = False          # load the DMA device's driver in the crash kernel (takeover)
     canaries: int = 16                       # canary pages the first kernel fills
+    crash_iommu_driver: bool = True          # a modular IOMMU driver (virtio) is loaded in the crash kernel
+    guest: str = "initramfs"                 # initramfs (busybox, fast) or debian (kdump-tools, over SSH)
+    handover: str = "panic"                  # panic (kdump) or kexec (a plain kexec -l / kexec -e reboot)
     expect: str = "PASS"
     reason: str = ""
     tags: tuple[str, ...] = field(default=(), compare=False)
@@ -49,6 +54,12 @@ class Scenario:
             raise UsageError(f"unknown panic method {self.panic_method!r}; use one of {', '.join(PANIC_METHODS)}")
         if self.dma not in DMA_SOURCES:
             raise UsageError(f"unknown DMA source {self.dma!r}; use one of {', '.join(DMA_SOURCES)}")
+        if self.handover not in HANDOVERS:
+            raise UsageError(f"unknown handover {self.handover!r}; use one of {', '.join(HANDOVERS)}")
+        if self.handover == "kexec" and self.guest != "initramfs":
+            raise UsageError("--handover kexec goes with the initramfs guest")
+        if self.guest not in GUESTS:
+            raise UsageError(f"unknown guest {self.guest!r}; use one of {', '.join(GUESTS)}")
         if self.dump_format not in DUMP_FORMATS:
             raise UsageError(f"unknown dump format {self.dump_format!r}; use one of {', '.join(DUMP_FORMATS)}")
         if self.memory_mb < 512:
@@ -62,6 +73,12 @@ class Scenario:
                 *iommu_model(self.iommu).first_append, *self.first_append)
 
     def crash_cmdline(self) -> tuple[str, ...]:
+        """The next kernel's command line: the crash kernel's, or with a plain kexec
+        handover a normal kernel's (the first kernel's IOMMU options; nokaslr, so
+        its image sits where aimed DMA expects it)."""
+        if self.handover == "kexec":
+            return ("console=ttyS0", "panic=-1", "nokaslr", "kh.role=second",
+                    *iommu_model(self.iommu).first_append, *self.first_append, *self.crash_append)
         return ("console=ttyS0", "panic=-1", *self.crash_base,
                 *iommu_model(self.iommu).crash_append, *self.crash_append)
 

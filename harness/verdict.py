@@ -15,6 +15,7 @@ class Verdict(str, enum.Enum):
     NO_KDUMP = "NO_KDUMP"                  # the panic never reached a crash kernel
     KDUMP_PANIC = "KDUMP_PANIC"            # the crash kernel panicked or rebooted
     KDUMP_HANG = "KDUMP_HANG"              # the crash kernel started, no vmcore by the deadline
+    NO_VMCORE = "NO_VMCORE"                # the crash kernel's userspace ran but could not save a vmcore
     ERROR = "ERROR"                        # the harness or the host failed, not the kernel
 
     @property
@@ -32,6 +33,7 @@ DESCRIPTIONS = {
     Verdict.NO_KDUMP: "the panic did not start a crash kernel",
     Verdict.KDUMP_PANIC: "the crash kernel panicked or rebooted before saving a vmcore",
     Verdict.KDUMP_HANG: "the crash kernel started but wrote no vmcore before the deadline",
+    Verdict.NO_VMCORE: "the crash kernel's userspace ran but could not save a vmcore (no dump target, write failed)",
     Verdict.ERROR: "the harness or the host failed",
 }
 

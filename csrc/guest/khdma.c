@@ -7,6 +7,9 @@
  *       docs/markers.md), print "canary index=I phys=0xP" for each, then hold
  *       them (locked) until killed.
  *
+ *   khdma edu-raw BDF NONCE NEXT_KERNEL_BASE [CANARIES]
+ *       For a plain kexec handover (see cmd_edu_raw): no driver, no IOMMU mapping.
+ *
  *   khdma edu BDF NONCE CRASH_START CRASH_END [CANARIES]
  *       Canary pages as above, then bind the edu device at BDF to vfio-pci,
  *       enable bus mastering and map DMA targets through VFIO type1:
@@ -206,23 +209,34 @@ static uint64_t bar0_of(const char *bdf)
 	return start;
 }
 
-static void bind_vfio(const char *bdf, int group)
+/*
+ * Bind the device to vfio-pci and return its IOMMU group, or -1 when it has
+ * none (no IOMMU). The group may only appear with the binding: with ACPI VIOT
+ * (virtio-iommu) a device is put behind its IOMMU when a driver probes it.
+ */
+static int bind_vfio(const char *bdf)
 {
 	char path[PATH_MAX];
 	struct stat st;
+	int group;
 
 	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/driver/unbind", bdf);
 	write_file(path, bdf); /* fails harmlessly when no driver is bound */
 	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/driver_override", bdf);
 	if (write_file(path, "vfio-pci"))
 		die("driver-override");
-	if (write_file("/sys/bus/pci/drivers_probe", bdf))
-		die("drivers-probe");
+	write_file("/sys/bus/pci/drivers_probe", bdf); /* fails without an IOMMU group */
+	group = group_of(bdf);
+	if (group < 0) {
+		write_file(path, "\n");
+		return -1;
+	}
 	snprintf(path, sizeof(path), "/dev/vfio/%d", group);
 	for (int i = 0; i < 200 && stat(path, &st); i++)
 		usleep(50000);
 	if (stat(path, &st))
 		die("no-vfio-group-node");
+	return group;
 }
 
 static void vfio_map(int container, void *vaddr, uint64_t iova, uint64_t size)
@@ -253,14 +267,12 @@ static void enable_bus_master_vfio(int device)
 		die("write-command");
 }
 
-static void enable_bus_master_sysfs(const char *bdf)
+static void enable_bus_master_config(const char *bdf)
 {
 	char path[PATH_MAX];
 	uint16_t cmd;
 	int fd;
 
-	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/enable", bdf);
-	write_file(path, "1");
 	snprintf(path, sizeof(path), "/sys/bus/pci/devices/%s/config", bdf);
 	fd = open(path, O_RDWR);
 	if (fd < 0)
@@ -284,7 +296,7 @@ static void enable_bus_master_sysfs(const char *bdf)
 static int cmd_edu(const char *bdf, uint64_t nonce, uint64_t crash_start, uint64_t crash_end, unsigned ncanary)
 {
 	struct canaries c;
-	int group = group_of(bdf);
+	int group;
 	uint8_t *staging, *buffers;
 	uint64_t staging_phys;
 
@@ -295,12 +307,12 @@ static int cmd_edu(const char *bdf, uint64_t nonce, uint64_t crash_start, uint64
 	staging_phys = phys_of(staging);
 	buffers = locked_pages(NBUF * SLOTS);
 
+	group = bind_vfio(bdf);
 	if (group >= 0) {
 		char path[64];
 		int container, grp, device;
 		struct vfio_group_status status = { .argsz = sizeof(status) };
 
-		bind_vfio(bdf, group);
 		container = open("/dev/vfio/vfio", O_RDWR);
 		if (container < 0)
 			die("open-container");
@@ -346,7 +358,7 @@ static int cmd_edu(const char *bdf, uint64_t nonce, uint64_t crash_start, uint64
 		}
 		/* fds stay open: the mappings live as long as this process */
 	} else {
-		enable_bus_master_sysfs(bdf);
+		enable_bus_master_config(bdf);
 		say("edu-staging iova=0x%" PRIx64 " phys=0x%" PRIx64, staging_phys, staging_phys);
 		for (unsigned b = 0; b < NBUF; b++) {
 			for (unsigned slot = 0; slot < SLOTS; slot++) {
@@ -358,6 +370,44 @@ static int cmd_edu(const char *bdf, uint64_t nonce, uint64_t crash_start, uint64
 		}
 	}
 	say("edu-ready bdf=%s bar0=0x%" PRIx64 " group=%d iommu=%d", bdf, bar0_of(bdf), group, group >= 0);
+	for (;;)
+		pause();
+	return 0;
+}
+
+/*
+ * For a plain kexec handover: edu with no driver at all, memory decoding and
+ * bus mastering switched on in its command register directly. Its PCI state
+ * stays "unknown", so the kernel's kexec shutdown (which clears bus mastering of
+ * devices a driver enabled) leaves it running into the next kernel. Device
+ * addresses are physical (no IOMMU, or an identity domain, or translation
+ * switched off at the handover).
+ *   buffers: pages of this process, one per slot (valid before the handover);
+ *   new-kernel: NEWK + 4 MiB + slot pages, inside where the next kernel's image
+ *   will sit (it boots with nokaslr at CONFIG_PHYSICAL_START).
+ */
+static int cmd_edu_raw(const char *bdf, uint64_t nonce, uint64_t newk, unsigned ncanary)
+{
+	struct canaries c;
+	uint8_t *staging, *buffers;
+	uint64_t staging_phys;
+
+	make_canaries(&c, nonce, ncanary);
+	staging = locked_pages(1);
+	staging_phys = phys_of(staging);
+	buffers = locked_pages(SLOTS);
+	enable_bus_master_config(bdf);
+	say("edu-staging iova=0x%" PRIx64 " phys=0x%" PRIx64, staging_phys, staging_phys);
+	for (unsigned slot = 0; slot < SLOTS; slot++) {
+		uint64_t p = phys_of(buffers + (size_t)slot * PAGE);
+
+		say("edu-target group=buffer0 slot=%u iova=0x%" PRIx64 " phys=0x%" PRIx64 " mapped=1 kind=buffer",
+		    slot, p, p);
+		if (slot > 0)
+			say("edu-target group=newkernel slot=%u iova=0x%" PRIx64 " phys=0 mapped=0 kind=new-kernel",
+			    slot, newk + (4u << 20) + (uint64_t)slot * PAGE);
+	}
+	say("edu-ready bdf=%s bar0=0x%" PRIx64 " group=-1 iommu=0", bdf, bar0_of(bdf));
 	for (;;)
 		pause();
 	return 0;
@@ -386,9 +436,12 @@ int main(int argc, char **argv)
 		for (;;)
 			pause();
 	}
+	if ((argc == 5 || argc == 6) && !strcmp(argv[1], "edu-raw"))
+		return cmd_edu_raw(argv[2], num(argv[3]), num(argv[4]), argc == 6 ? (unsigned)num(argv[5]) : 16);
 	if ((argc == 6 || argc == 7) && !strcmp(argv[1], "edu"))
 		return cmd_edu(argv[2], num(argv[3]), num(argv[4]), num(argv[5]), argc == 7 ? (unsigned)num(argv[6]) : 8);
 	fprintf(stderr, "usage: khdma canary NONCE COUNT\n"
-			"       khdma edu BDF NONCE CRASH_START CRASH_END [CANARIES]\n");
+			"       khdma edu BDF NONCE CRASH_START CRASH_END [CANARIES]\n"
+			"       khdma edu-raw BDF NONCE NEXT_KERNEL_BASE [CANARIES]\n");
 	return 2;
 }

@@ -2,7 +2,9 @@
 # /init of both kernels. The crash kernel is the one with /proc/vmcore.
 . /lib/kh/lib.sh
 setup_base
-if [ -e /proc/vmcore ]; then log "crash kernel userspace"; else log "first kernel userspace"; fi
+if [ -e /proc/vmcore ]; then log "crash kernel userspace"
+elif grep -q "kh.role=second" /proc/cmdline; then log "second kernel userspace (after kexec)"
+else log "first kernel userspace"; fi
 load_boot_modules
 find_port
 
@@ -27,21 +29,36 @@ first_kernel() {
     fi
     rc=$?
     cat /tmp/kexec.out > /dev/console
-    say armed rc=$rc loaded=$(cat /sys/kernel/kexec_crash_loaded 2>/dev/null)
+    if [ "$KH_HANDOVER" = kexec ]; then loaded=/sys/kernel/kexec_loaded; else loaded=/sys/kernel/kexec_crash_loaded; fi
+    say armed rc=$rc loaded=$(cat $loaded 2>/dev/null)
     rm -f /tmp/crash-initrd
     echo 1 > /proc/sys/kernel/sysrq
     pause_if armed
     say ready
+    if [ "$KH_HANDOVER" = kexec ]; then
+        # a plain kexec reboot when the host says so; devices keep running into the next kernel
+        read -t 3600 cmd <&3
+        if [ "$cmd" = kexec ]; then
+            say handover
+            kexec -e
+            say handover-failed rc=$?
+        fi
+    fi
 }
 
 crash_kernel() {
-    say boot role=crash release=$(uname -r)
+    if [ -e /proc/vmcore ]; then role=crash; else role=second; fi
+    say boot role=$role release=$(uname -r)
     for m in $KH_CRASH_LOAD; do load_mod "$m"; done
     pause_if crash
-    if [ "$KH_HOLD" = 1 ]; then
+    if [ "$KH_HOLD" = 1 ] && [ "$KH_PORT" != /dev/null ]; then
         # DMA is still arriving: the host fires its last transfers, then says go
         say crash-ready
         read -t 300 go <&3 || log "no go from the host after 300 s: dumping anyway"
+    fi
+    if [ "$role" = second ]; then
+        say second-done   # nothing to dump: the host reads this kernel's memory from its side
+        return
     fi
     disk=$(find_disk khdump) || { say error what=no-dump-disk; log "no dump disk"; poweroff -f; }
     size=$(stat -c %s /proc/vmcore)
@@ -60,8 +77,8 @@ crash_kernel() {
     say captured rc=$rc format=$KH_DUMP_FORMAT bytes=$size
 }
 
-if [ -e /proc/vmcore ]; then
-    crash_kernel
+if [ -e /proc/vmcore ] || grep -q "kh.role=second" /proc/cmdline; then
+    crash_kernel    # the crash kernel, or the kernel a plain kexec started
     poweroff -f
 else
     first_kernel

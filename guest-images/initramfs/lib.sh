@@ -23,21 +23,31 @@ setup_base() {
     [ -f /etc/kh/run.env ] && . /etc/kh/run.env
 }
 
+modparams() {  # "module.param=value" options of the kernel command line, as modprobe passes them
+    for o in $(cat /proc/cmdline); do
+        case "$o" in "$1".*=*) printf '%s ' "${o#"$1".}" ;; esac
+    done
+}
+
 load_mod() {  # load a module and its dependencies, in the order the host resolved
     [ -f "/etc/kh/mod.$1" ] || { log "module $1 is not in this image"; return 1; }
     for f in $(cat "/etc/kh/mod.$1"); do
-        insmod "$f" 2>/dev/null
+        name=$(basename "$f" .ko | tr - _)
+        insmod "$f" $(modparams "$name") 2>/dev/null
     done
     return 0
 }
 
-load_boot_modules() {
-    for m in $(cat /etc/kh/boot-modules 2>/dev/null); do load_mod "$m"; done
+load_boot_modules() {  # a modular IOMMU driver first: devices behind it wait for it to probe
+    if [ -e /proc/vmcore ]; then iommu=$KH_CRASH_IOMMU_LOAD; else iommu=$KH_IOMMU_LOAD; fi
+    for m in $iommu $(cat /etc/kh/boot-modules 2>/dev/null); do load_mod "$m"; done
 }
 
 find_port() {  # the virtio-serial port the host reads results from
+    # 30 s: behind an IOMMU whose driver never loads, devices probe after the
+    # kernel's deferred-probe timeout
     i=0
-    while [ $i -lt 100 ]; do
+    while [ $i -lt 300 ]; do
         for p in /sys/class/virtio-ports/*; do
             [ -f "$p/name" ] || continue
             if [ "$(cat "$p/name")" = "org.kdump-harness.0" ]; then
@@ -103,7 +113,12 @@ start_dma() {  # the first kernel's side of the scenario's DMA source, plus cana
     set -- $(crash_range)
     case "$KH_DMA" in
         edu)
-            khdma edu "$KH_EDU_BDF" "$KH_NONCE" "$1" "$2" "$KH_CANARIES" >&3 2>/dev/console &
+            if [ "$KH_HANDOVER" = kexec ]; then
+                # no driver, so the kexec shutdown leaves it running; aimed at the next kernel's image
+                khdma edu-raw "$KH_EDU_BDF" "$KH_NONCE" 0x1000000 "$KH_CANARIES" >&3 2>/dev/console &
+            else
+                khdma edu "$KH_EDU_BDF" "$KH_NONCE" "$1" "$2" "$KH_CANARIES" >&3 2>/dev/console &
+            fi
             ;;
         nic)
             setup_nic

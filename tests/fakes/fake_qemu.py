@@ -6,6 +6,7 @@ and a results event, and then does what FAKE_QEMU_MODE says:
   run      stay up until QMP quit (default)
   exit     exit with status 1 right away, after printing an error
   ignore   ignore QMP quit and SIGTERM, so only SIGKILL stops it
+  abort    connect, then fail like a device model's assertion (SIGABRT)
 """
 import json
 import os
@@ -44,6 +45,12 @@ for name in ("qmp0", "con0", "res0"):
 socks["con0"].sendall(b"[    0.000000] Linux version 6.1.0-fake\r\nfake console ready\r\n")
 if "res0" in socks:
     socks["res0"].sendall(b"boot role=first release=6.1.0-fake\n")
+
+if mode == "abort":
+    time.sleep(0.2)
+    print("qemu-system-x86_64: ../hw/net/e1000e_core.c:1234: e1000e_fake: Assertion `x' failed.", file=sys.stderr,
+          flush=True)
+    os.abort()
 
 qmp = socks["qmp0"]
 qmp.sendall(json.dumps({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},

@@ -42,8 +42,12 @@ def test_recipe_errors_name_the_line(tmp_path):
 
 def test_module_list(tmp_path):
     f = tmp_path / "m"
-    f.write_text("# c\nvirtio_blk\ne1000e ondemand\n")
-    assert parse_module_list(f) == [("virtio_blk", "boot"), ("e1000e", "ondemand")]
+    f.write_text("# c\nvirtio_blk\ne1000e ondemand\nvirtio_iommu ondemand optional\n")
+    assert parse_module_list(f) == [("virtio_blk", "boot", False), ("e1000e", "ondemand", False),
+                                    ("virtio_iommu", "ondemand", True)]
+    f.write_text("e1000e sometimes\n")
+    with pytest.raises(UsageError, match="expected MODULE"):
+        parse_module_list(f)
 
 
 def fake_kernel(tmp_path: Path) -> Kernel:

@@ -114,3 +114,26 @@ def test_keyboard_interrupt_inside_the_with_block_reaps(tmp_path, fake_qemu):
 def test_missing_qemu_binary(tmp_path):
     with pytest.raises(HostError, match="not found"):
         Machine(spec(tmp_path, qemu="/nonexistent/qemu"), tmp_path / "out").launch()
+
+
+def test_a_qemu_that_aborts_is_told_apart_from_a_guest_that_exits(tmp_path, fake_qemu, monkeypatch):
+    monkeypatch.setenv("FAKE_QEMU_MODE", "abort")
+    m = Machine(spec(tmp_path, qemu=fake_qemu), tmp_path / "out")
+    try:
+        m.launch()
+    except HostError:
+        pass  # it may die before QMP answers; either way it is gone
+    deadline = Deadline(10, "the fake QEMU to abort", scale=1)
+    while m.proc.poll() is None:
+        deadline.check()
+        time.sleep(0.05)
+    msg = m.failure()
+    assert msg and "QEMU itself failed" in msg and "Assertion" in msg
+    m.shutdown()
+
+
+def test_a_clean_exit_is_no_qemu_failure(tmp_path, fake_qemu):
+    m = Machine(spec(tmp_path, qemu=fake_qemu), tmp_path / "out")
+    with m:
+        assert m.failure() is None  # still running
+    assert m.returncode == 0 and m.failure() is None
