@@ -21,10 +21,11 @@ MAKEFILE = """\
 KROOT := $(shell cat KERNEL)
 olddefconfig:
 \t@true
-bzImage modules:
+bzImage:
 \tmkdir -p arch/x86/boot
-\tcp $(wildcard $(KROOT)/boot/vmlinuz-*) arch/x86/boot/bzImage
-\tcp $(wildcard $(KROOT)/boot/config-*) .config
+\tcp -f $(wildcard $(KROOT)/boot/vmlinuz-*) arch/x86/boot/bzImage
+\tcp -f $(wildcard $(KROOT)/boot/config-*) .config
+modules: bzImage
 \ttouch modules.order
 modules_install:
 \tmkdir -p $(INSTALL_MOD_PATH)/lib
