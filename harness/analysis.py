@@ -265,6 +265,7 @@ def dma_report(an: DmaAnalysis, source: DmaSource, gt: GroundTruth | None, marks
         "landed_after_panic_transfers": len(an.after_panic_seqs),
         "per_phase": by_phase,            # by the moment of the schedule the source meant
         "per_moment": by_moment,          # by when it really went out, against the crash's timeline
+        "crash_iommu_init_s": (marks or {}).get("crash_iommu_init"),
         "translation_dropped_s": an.dropped_t,
         "translation_dropped_while_active": an.dropped_while_active,
         "misdirected": [f.to_json() for c in CLASSES[1:] for f in
@@ -317,7 +318,7 @@ def timeline(an: DmaAnalysis, source: DmaSource, step: float = 0.25) -> dict:
                                      for k, v in sorted(bins.items())]}
 
 
-def dma_verdict(an: DmaAnalysis, source: DmaSource, rep: dict) -> Outcome | None:
+def dma_verdict(an: DmaAnalysis, source: DmaSource, rep: dict, gt: GroundTruth | None = None) -> Outcome | None:
     """The DMA part of the verdict; None when nothing about DMA stands against PASS."""
     bad = [f for f in an.findings if f.where != "old_memory_expected"]
     changed = rep["canaries"]["changed"]
@@ -325,8 +326,10 @@ def dma_verdict(an: DmaAnalysis, source: DmaSource, rep: dict) -> Outcome | None
         ev = [f.line() for f in bad[:8]]
         for c in changed[:4]:
             d = c["first_diff"]
+            over = sorted({f"{f.source} transfer {f.seq}" for f in bad if c["phys"] <= f.phys < c["phys"] + PAGE_SIZE})
             ev.append(f"canary {c['index']} at phys 0x{c['phys']:x}: {c['changed_bytes']} bytes changed"
-                      + (f", first at +0x{d['offset']:x}: now {d['found_hex'][:48]}" if d else ""))
+                      + (f", now holding records of {', '.join(over)}" if over else
+                         f", first at +0x{d['offset']:x}: now {d['found_hex'][:48]}" if d else ""))
         where = ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in rep["landed"].items()
                           if c != "old_memory_expected" and n)
         reason = f"DMA landed where it must not ({where or 'canary pages changed'})"
@@ -338,4 +341,10 @@ def dma_verdict(an: DmaAnalysis, source: DmaSource, rep: dict) -> Outcome | None
         return Outcome(Verdict.INCONCLUSIVE, f"no {source.name} DMA crossed the crash (sent after the panic: "
                        f"{rep['sent_after_panic']}, landed after the panic: {rep['landed_after_panic']})",
                        [f"phases: {rep['per_phase']}"])
+    if source.name != "none" and gt is not None and rep.get("crash_iommu_init_s") is not None \
+            and not rep["per_moment"].get("crash_after_iommu_init", {}).get("sent"):
+        full = rep["detail"].get("ring_full_s")
+        return Outcome(Verdict.INCONCLUSIVE, f"no {source.name} DMA was in flight once the crash kernel's IOMMU "
+                       f"driver had taken over" + (f" (the NIC's receive ring was full at {full:.1f}s)" if full else ""),
+                       [f"moments: {rep['per_moment']}"])
     return None

@@ -27,6 +27,8 @@ class Arch:
     machine: str                    # -machine type
     machine_options: tuple[str, ...]
     ram_base: int                   # guest-physical address of the first byte of RAM
+    # IOMMUs (harness.platforms) this machine can have
+    iommus: tuple[str, ...]
     # the kernel's console on the machine's first UART, and the config that drives it
     console: str
     console_config: str
@@ -53,6 +55,10 @@ class Arch:
 
     def machine_value(self, extra: tuple[str, ...] | list[str] = ()) -> str:
         return ",".join([self.machine, *self.machine_options, *extra])
+
+    def check_iommu(self, iommu: str) -> None:
+        if iommu not in self.iommus:
+            raise UsageError(f"--iommu {iommu} does not exist on {self.title}; choose one of {', '.join(self.iommus)}")
 
     def cpu(self, accel: str) -> str:
         return "host" if accel == "kvm" else "max"
@@ -109,7 +115,7 @@ ARCHES: dict[str, Arch] = {
         Arch(
             name="x86_64", title="x86-64 (QEMU q35)", debian="amd64", triplet="x86_64-linux-gnu",
             qemu_binary="qemu-system-x86_64", qemu_package="qemu-system-x86",
-            machine="q35", machine_options=(), ram_base=0,
+            machine="q35", machine_options=(), ram_base=0, iommus=("intel", "amd", "virtio", "none"),
             console="ttyS0", console_config="SERIAL_8250_CONSOLE",
             drop_options=(),
             kernel_meta={"debian-6.1": "linux-image-amd64", "debian-6.12": "linux-image-6.12-amd64"},
@@ -121,7 +127,7 @@ ARCHES: dict[str, Arch] = {
             qemu_binary="qemu-system-aarch64", qemu_package="qemu-system-arm",
             # GICv2 + GICv2m (virt's default): MSIs for PCI devices behind the SMMU work,
             # and a kdump kernel meets no half-initialised ITS/LPI tables.
-            machine="virt", machine_options=(), ram_base=0x40000000,
+            machine="virt", machine_options=(), ram_base=0x40000000, iommus=("smmuv3", "virtio", "none"),
             console="ttyAMA0", console_config="SERIAL_AMBA_PL011_CONSOLE",
             # an NMI is an x86 notion: arm64 has no unknown_nmi_panic (it would reach /init as an argument)
             drop_options=("unknown_nmi_panic",),

@@ -11,6 +11,10 @@ A recipe is a list of directives, one per line (`#` starts a comment):
     nested RECIPE DEST           another recipe's image, as a file inside this one
     helper NAME DEST             a guest helper compiled from csrc/guest (static)
 
+For a guest of another architecture (arm64 on an x86 host), `busybox` and
+`binary` take programs from that architecture's Debian packages instead of the
+host, with their libraries read from the ELF files (harness.debroot).
+
 Images are reproducible newc archives (uid 0, mtime 0, sorted), uncompressed
 (under TCG the guest would spend longer decompressing than the host spends
 copying), cached by a hash of everything that goes in, and renamed into place.
@@ -175,9 +179,11 @@ class Builder:
         self.wrappers = dict(userland.wrappers) if userland is not None else {}
         self._keys: dict[str, str] = {}
 
+    def _program_path(self, p: str) -> Path:
+        """A program (busybox, binary): the guest root's when the guest has one."""
+        return self.userland.host_path(p) if self.userland is not None else self._host_path(p)
+
     def _host_path(self, p: str) -> Path:
-        if self.userland is not None:
-            return self.userland.host_path(p)
         path = Path(p)
         if not path.exists():
             raise HostError(f"{p} is not on this host; run ci/setup.sh to install the guest tools")
@@ -200,10 +206,12 @@ class Builder:
         for d in parse_recipe(recipe):
             if d.verb in ("script", "modules"):
                 h.update((self.recipe_dir / d.args[0]).read_bytes())
-            elif d.verb in ("binary", "file"):
+            elif d.verb == "binary":
+                h.update(stat_key(self._program_path(d.args[0])).encode())
+            elif d.verb == "file":
                 h.update(stat_key(self._host_path(d.args[0])).encode())
             elif d.verb == "busybox":
-                h.update(stat_key(self._host_path("/bin/busybox")).encode())
+                h.update(stat_key(self._program_path("/bin/busybox")).encode())
             elif d.verb == "nested":
                 h.update(self.key(d.args[0]).encode())
             elif d.verb == "helper":
@@ -239,10 +247,10 @@ class Builder:
         for d in parse_recipe(self.recipe_dir / f"{name}.recipe"):
             a = d.args
             if d.verb == "busybox":
-                w.file("bin/busybox", self._host_path("/bin/busybox").read_bytes(), 0o755)
+                w.file("bin/busybox", self._program_path("/bin/busybox").read_bytes(), 0o755)
                 w.symlink("bin/sh", "busybox")
             elif d.verb == "binary":
-                src = self._host_path(a[0])
+                src = self._program_path(a[0])
                 dest = a[1] if len(a) > 1 else a[0]
                 if dest in self.wrappers:
                     w.file(dest, (self.recipe_dir / self.wrappers[dest]).read_bytes(), 0o755)

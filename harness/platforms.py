@@ -138,8 +138,8 @@ IOMMUS: dict[str, IommuModel] = {
                          r"Kernel command line:.*\biommu\.passthrough=(?:1|y|Y|on)\b"),
             # the first kernel's event queue; a kdump kernel runs without one
             fault_re=r"arm-smmu-v3 \S+: event 0x[0-9a-f]+ received",
-            # the first device attached after the reset
-            init_done_re=r"Adding to iommu group \d+",
+            # printed right before the reset that installs the new stream table
+            init_done_re=r"arm-smmu-v3 \S+: SMMU currently enabled! Resetting",
             trace_events=("smmuv3_translate_success", "smmuv3_translate_abort", "smmuv3_translate_bypass",
                           "smmuv3_translate_disable", "smmuv3_record_event", "smmuv3_write_mmio"),
             mmio_base=0x09050000,             # virt's VIRT_SMMU

@@ -60,7 +60,7 @@ def write_rerun_script(run) -> Path:
     dma_note = {
         "none": "no DMA source.",
         "nic": "the harness sent Ethernet frames of marker records (docs/markers.md) to the NIC's dgram socket "
-               "($D/nic-q) at 400 frames/s, from 2 s before the panic until the crash kernel's userspace.",
+               "($D/nic-q): 400 frames/s for 2 s before the panic, then 100/s until the crash kernel's userspace.",
         "edu": "the harness fired edu DMA over qtest ($D/qtest) at each target the guest reported "
                "(edu-target lines in guest.results.log): before the panic, right after it, at the crash "
                "kernel's banner and in its userspace.",
@@ -68,7 +68,7 @@ def write_rerun_script(run) -> Path:
     lines = [
         "#!/bin/bash",
         f"# Rerun of kdump-harness scenario {sc.name!r} by hand, with this run's exact QEMU command line.",
-        f"# Crash kernel command line: {' '.join(sc.crash_cmdline())}",
+        f"# Crash kernel command line: {' '.join(run.crash_cmdline())}",
         "#",
         "# Host steps of the original run, in order:",
         "#   1. QEMU starts; the first kernel boots, arms kdump (kexec -p) and reports on the results port.",

@@ -209,7 +209,7 @@ class KdumpRun:
     def run_env(self) -> str:
         s = self.scenario
         env = {
-            "KH_CRASH_APPEND": " ".join(s.crash_cmdline()),
+            "KH_CRASH_APPEND": " ".join(self.crash_cmdline()),
             "KH_DUMP_FORMAT": s.dump_format,
             "KH_HANDOVER": s.handover,
             "KH_FIRST_LOAD": "",
@@ -310,6 +310,10 @@ class KdumpRun:
                 raise Stop(Verdict.NO_KDUMP, f"{e}", self._console_tail()) from None
             self.mark("crash_kernel_start")
             self.dma.on_phase("crash_early")
+
+    def crash_cmdline(self) -> tuple[str, ...]:
+        """The next kernel's command line as run: the scenario's, plus what the DMA source needs."""
+        return self.scenario.crash_cmdline() + self.dma.crash_append()
 
     @property
     def next_kernel(self) -> str:
@@ -426,7 +430,7 @@ class KdumpRun:
                 and gt.translation_off_t < self.state.marks.get("captured", float("inf")):
             self.state.marks["crash_iommu_init"] = round(gt.translation_off_t, 3)  # it switched translation off
         self.analysis_report = dma_report(an, self.dma, gt, self.state.marks)
-        return dma_verdict(an, self.dma, self.analysis_report)
+        return dma_verdict(an, self.dma, self.analysis_report, gt)
 
     # -- waiting -------------------------------------------------------------------------
 
@@ -624,7 +628,7 @@ class KdumpRun:
                 "format": f.get("vmcore_format"),
                 "size": self.vmcore.stat().st_size if self.vmcore and self.vmcore.exists() else None,
                 "crash_kernel_range": f.get("crash_kernel_range"),
-                "crash_cmdline": " ".join(self.scenario.crash_cmdline()),
+                "crash_cmdline": " ".join(self.crash_cmdline()),
                 "handover": self.scenario.handover,
             },
             "iommu": {

@@ -125,23 +125,26 @@ def _print_text(dump, result, out: TextIO) -> None:
               f"iova={h.iova:#x} t_ns={h.t_ns}", file=out)
     if result.markers_truncated:
         print(f"  ... {result.valid_count - len(result.markers)} more not listed", file=out)
-    if result.torn_count:
-        print(f"torn:      {result.torn_count} (magic found, CRC wrong)", file=out)
-        for t in result.torn:
-            print(f"  {t.phys:#018x}", file=out)
-        if len(result.torn) < result.torn_count:
-            print(f"  ... {result.torn_count - len(result.torn)} more not listed", file=out)
-    if result.stale_count:
-        print(f"stale:     {result.stale_count} (good CRC, another nonce)", file=out)
-        for h in result.stale:
-            print(f"  {h.phys:#018x}  nonce={h.nonce:#018x}", file=out)
-        if len(result.stale) < result.stale_count:
-            print(f"  ... {result.stale_count - len(result.stale)} more not listed", file=out)
+    _listed(out, "torn:      ", "(magic found, CRC wrong)", result.torn, result.torn_count,
+            lambda t: f"{t.phys:#018x}")
+    _listed(out, "stale:     ", "(good CRC, another nonce)", result.stale, result.stale_count,
+            lambda h: f"{h.phys:#018x}  nonce={h.nonce:#018x}")
     if result.unreadable_bytes:
         print(f"unreadable: {result.unreadable_bytes} bytes in {result.unreadable_count} ranges: "
               f"{result.unreadable_reason}", file=out)
         for r in result.unreadable:
             print(f"  {r.start:#018x}-{r.end:#018x}", file=out)
+
+
+def _listed(out, title: str, what: str, items, count: int, line) -> None:
+    """A counted kind of record: the count, then the ones listed, then how many were not."""
+    if not count:
+        return
+    print(f"{title}{count} {what}", file=out)
+    for item in items:
+        print(f"  {line(item)}", file=out)
+    if len(items) < count:
+        print(f"  ... {count - len(items)} more not listed", file=out)
 
 
 def run(args: argparse.Namespace, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:

@@ -94,3 +94,21 @@ def test_moments_on_the_crash_timeline():
         "before_panic", "during_kexec", "crash_before_iommu_init", "crash_after_iommu_init"]
     no_init = {k: v for k, v in marks.items() if k != "crash_iommu_init"}
     assert moment_of(16, no_init) == "crash_unknown" and moment_of(19, no_init) == "crash_after_iommu_init"
+
+
+def test_no_dma_after_the_crash_iommu_took_over_is_inconclusive():
+    src = NicSource()
+    src.transfers = [Transfer(i, 10.0 + i * 0.01, "before_panic") for i in range(5)] + \
+                    [Transfer(100 + i, 13.0 + i * 0.01, "during_kexec") for i in range(5)]
+    src.ring_full_t = 14.0
+    an = DmaAnalysis("nic", NONCE, panic_t=12.0, crash_range=CRASH)
+    add_hits(an, [hit(0x3C9904E, Source.NIC, seq=100, t=13.0)], "vmcore", src, None)
+    marks = {"panic": 12.0, "crash_kernel_start": 15.0, "crash_iommu_init": 20.0, "crash_userspace": 21.0}
+    gt = GroundTruth("intel")
+    rep = dma_report(an, src, gt, marks)
+    out = dma_verdict(an, src, rep, gt)
+    assert out.verdict == Verdict.INCONCLUSIVE and "ring was full at 14.0s" in out.reason
+    # DMA sent after the crash kernel's IOMMU took over: the run tested the handover
+    src.transfers.append(Transfer(200, 22.0, "crash_userspace"))
+    rep = dma_report(an, src, gt, marks)
+    assert dma_verdict(an, src, rep, gt) is None
