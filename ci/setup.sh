@@ -7,10 +7,19 @@ cd "$(dirname "$0")/.."
 
 PACKAGES="qemu-system-x86 qemu-utils busybox-static kexec-tools makedumpfile cpio kmod xz-utils zstd ethtool
  gcc libc6-dev pkg-config libkdumpfile-dev python3 python3-venv python3-dev clang libclang-rt-14-dev
- chromium fonts-dejavu-core debootstrap e2fsprogs"
+ chromium fonts-dejavu-core debootstrap e2fsprogs
+ qemu-system-arm gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
 
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
+
+# Arm64 guests (--arch aarch64) take busybox, kexec-tools and makedumpfile from
+# Debian's arm64 packages: apt must know the architecture.
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+    echo "setup: adding the arm64 architecture to apt" >&2
+    $SUDO dpkg --add-architecture arm64
+    $SUDO apt-get update -q
+fi
 
 missing=""
 for p in $PACKAGES; do
@@ -22,7 +31,7 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
 fi
 # The kernels under test come from Debian's archive: apt needs its package lists.
-if ! apt-cache show --no-all-versions linux-image-amd64 >/dev/null 2>&1; then
+if ! apt-cache show --no-all-versions linux-image-amd64 linux-image-arm64:arm64 >/dev/null 2>&1; then
     $SUDO apt-get update -q
 fi
 

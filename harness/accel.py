@@ -106,3 +106,23 @@ def choose_accel(requested: str, kernel_image: Path, qemu: str = "qemu-system-x8
         raise UsageError(f"--accel kvm, but {choice.reason}; use --accel auto or tcg")
     log.info("accelerator: %s (%s)", choice.accel, choice.reason)
     return choice
+
+
+def choose_accel_for(arch: str, requested: str, kernel_image: Path, probe: bool = True) -> AccelChoice:
+    """`choose_accel` for a guest architecture: KVM only runs a guest of the host's
+    own architecture (and is only probed for x86_64 guests so far)."""
+    from .arch import arch_info
+
+    a = arch_info(arch)
+    if a.name == "x86_64" and a.native:
+        return choose_accel(requested, kernel_image, a.qemu_binary, probe=probe)
+    requested = os.environ.get("KDUMP_HARNESS_ACCEL", requested) if requested == "auto" else requested
+    if requested == "kvm":
+        why = "on this host" if not a.native else "here yet (no KVM probe for it)"
+        raise UsageError(f"--accel kvm: the harness cannot run {a.name} guests under KVM {why}; "
+                         f"use --accel auto or tcg")
+    if requested not in ("auto", "tcg"):
+        raise UsageError(f"unknown accelerator {requested!r}; use auto, kvm or tcg")
+    return AccelChoice("tcg", "requested" if requested == "tcg" else
+                       f"no KVM for {a.name} guests on this host" if not a.native
+                       else f"KVM is not probed for {a.name} guests yet")

@@ -63,22 +63,14 @@ class Finding:
                 "t": round(self.t, 3), "where": self.where, "expected_phys": self.expected_phys, "view": self.view}
 
 
-def q35_ram_ranges(memory_mb: int) -> list[tuple[int, int, int]]:
-    """(file_offset, phys, length) of a q35 guest's RAM backing file."""
-    size = memory_mb << 20
-    lowmem = 0x80000000 if size >= 0xB0000000 else 0xB0000000
-    below = min(size, lowmem)
-    ranges = [(0, 0, below)]
-    if size > below:
-        ranges.append((below, 1 << 32, size - below))
-    return ranges
+def crash_region_ranges(memory_mb: int, crash_range, arch: str = "x86_64") -> list[tuple[int, int, int]]:
+    """(file offset, phys, length): the part of the guest's RAM backing file that
+    holds guest-physical `crash_range` (inclusive), on `arch`'s RAM layout."""
+    from .arch import arch_info
 
-
-def crash_region_ranges(memory_mb: int, crash_range) -> list[tuple[int, int, int]]:
-    """The part of the RAM backing file that holds the crashkernel= reservation."""
     start, end = crash_range
     out = []
-    for off, phys, length in q35_ram_ranges(memory_mb):
+    for off, phys, length in arch_info(arch).ram_ranges(memory_mb):
         lo, hi = max(phys, start), min(phys + length, end + 1)
         if lo < hi:
             out.append((off + lo - phys, lo, hi - lo))
@@ -96,8 +88,9 @@ class RegionSnapshot:
     summary: dict
 
 
-def snapshot_crash_region(ram_file: Path, memory_mb: int, crash_range, nonce: int, t: float) -> RegionSnapshot:
-    with open_dump(ram_file, raw_ranges=crash_region_ranges(memory_mb, crash_range)) as dump:
+def snapshot_crash_region(ram_file: Path, memory_mb: int, crash_range, nonce: int, t: float,
+                          arch: str = "x86_64") -> RegionSnapshot:
+    with open_dump(ram_file, raw_ranges=crash_region_ranges(memory_mb, crash_range, arch)) as dump:
         res = dump.scan(nonce, max_markers=1 << 20, allow_unreadable=True)
     return RegionSnapshot(t, list(res.markers), {
         "taken_s": round(t, 3), "bytes": res.bytes_scanned, "seconds": round(res.seconds, 3),

@@ -75,6 +75,18 @@ class Arch:
             out.append(opt)
         return tuple(out)
 
+    def panic_qmp(self, method: str) -> tuple[str, dict]:
+        """(QMP command, arguments) that panic the guest by `method` (Scenario.panic_method).
+        nmi: inject-nmi with unknown_nmi_panic on the command line (x86); sysrq:
+        send-key alt+sysrq+c (arm64's virt has no NMI a guest can be told to panic on:
+        QMP inject-nmi "is not currently supported" there)."""
+        if method not in self.panic_methods:
+            raise UsageError(f"--panic {method} does not work on {self.title}; "
+                             f"use {' or '.join(self.panic_methods)}")
+        if method == "nmi":
+            return "inject-nmi", {}
+        return "send-key", {"keys": [{"type": "qcode", "data": k} for k in ("alt", "sysrq", "c")]}
+
     def ram_ranges(self, memory_mb: int) -> list[tuple[int, int, int]]:
         """(file offset, guest-physical address, length) of each piece of a guest RAM
         backing file (memory-backend-file), for reading guest memory from the host."""

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time

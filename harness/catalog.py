@@ -4,9 +4,10 @@ Each entry is a `Scenario` with the verdict a correct crash kernel gives (or,
 for positive controls, the failure the harness must detect) and a one-line
 reason citing where that behaviour comes from.
 
-Tags pick entries: the IOMMU (`intel`, `amd`, `none`), the kernel (`6.1`,
-`6.12`), the DMA source (`nic`, `edu`), `control` for positive controls, and
-`slow` for entries that take more than a couple of minutes under TCG.
+Tags pick entries: the IOMMU (`intel`, `amd`, `virtio`, `smmuv3`, `none`), the
+kernel (`6.1`, `6.12`), the DMA source (`nic`, `edu`), `arm64` for Arm guests,
+`control` for positive controls, and `slow` for entries that take more than a
+couple of minutes under TCG.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ K612 = "debian-6.12"
 def _s(name: str, expect: str, reason: str, *, tags: tuple[str, ...] = (), **kw) -> Scenario:
     sc = Scenario(name=name, expect=expect, reason=reason, **kw)
     kernel_tag = "6.12" if sc.kernel == K612 else "6.1"
-    auto = (sc.iommu, sc.dma, kernel_tag)
+    auto = (sc.iommu, sc.dma, kernel_tag) + (("arm64",) if sc.arch == "aarch64" else ())
     return sc.replace(tags=tuple(dict.fromkeys(auto + tags)))
 
 
@@ -129,11 +130,23 @@ CATALOG: tuple[Scenario, ...] = (
        iommu="intel", dma="nic", kernel=K612),
     _s("amd-copy-nic-6.12", "PASS", "the AMD copy path on Debian's 6.12 kernel",
        iommu="amd", dma="nic", kernel=K612),
+    _s("smmuv3-edu", "PASS",
+       "arm64: a kdump kernel finding the SMMU enabled sets GBPA to abort and resets it (b63b3439b856 "
+       "\"iommu/arm-smmu-v3: Abort all transactions if SMMU is enabled in kdump kernel\"), keeps it on "
+       "without event/PRI queues (3f54c447df34 \"Don't disable SMMU in kdump kernel\") and never adopts the "
+       "old stream table: old DMA is aborted, not landed",
+       arch="aarch64", iommu="smmuv3", dma="edu", tags=("slow",)),
+    _s("arm64-none-kdump", "PASS",
+       "arm64 without an IOMMU: the crash kernel's makedumpfile writes a kdump-compressed dump; canaries and "
+       "the reservation's integrity are checked as on x86",
+       arch="aarch64", iommu="none", dma="none", dump_format="kdump", tags=("slow",)),
     _s("intel-off-edu-6.12", "CORRUPTION", "positive control on Debian's 6.12 kernel (intel_disable_iommus)",
        iommu="intel", dma="edu", crash_append=("intel_iommu=off",), kernel=K612, tags=("control",)),
 )
 
 DEFAULT = "intel-copy-nic"
+# what `kdump-harness run --arch A` runs without a scenario name
+DEFAULT_FOR_ARCH = {"x86_64": DEFAULT, "aarch64": "smmuv3-edu"}
 
 
 def by_name(name: str) -> Scenario:

@@ -80,6 +80,8 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
     """Scenario options. Their defaults are None: given ones override the
     catalog entry (or the default scenario) they are applied to."""
     g = p.add_argument_group("scenario (each given option overrides the named scenario)")
+    g.add_argument("--arch",
+                   help="guest architecture: x86_64 (q35, default) or aarch64 (virt; alone it runs smmuv3-edu)")
     g.add_argument("--iommu", choices=sorted(IOMMUS), help="emulated IOMMU")
     g.add_argument("--iommu-option", action="append", metavar="PROP=VALUE",
                    help="extra property for the QEMU IOMMU device, e.g. x-scalable-mode=on (repeatable)")
@@ -114,7 +116,7 @@ def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
 
 def scenario_overrides(args: argparse.Namespace) -> dict:
     o: dict = {}
-    simple = {"iommu": "iommu", "dma": "dma", "crash_load_driver": "crash_load_driver", "kernel": "kernel",
+    simple = {"arch": "arch", "iommu": "iommu", "dma": "dma", "crash_load_driver": "crash_load_driver", "kernel": "kernel",
               "guest": "guest", "crash_iommu_driver": "crash_iommu_driver", "handover": "handover",
               "modules": "modules", "kernel_config": "kernel_config", "memory": "memory_mb",
               "crashkernel": "crashkernel", "panic": "panic_method", "dump_format": "dump_format"}
@@ -153,8 +155,15 @@ def kernel_overrides(args: argparse.Namespace) -> dict:
 def scenario_from_args(args: argparse.Namespace) -> Scenario:
     from . import catalog
 
-    base = catalog.by_name(args.name) if args.name else catalog.by_name(catalog.DEFAULT)
+    from .arch import arch_info
+
+    arch = getattr(args, "arch", None)
+    if arch:
+        args.arch = arch = arch_info(arch).name      # arm64 -> aarch64; unknown: one line
+    default = catalog.DEFAULT_FOR_ARCH.get(arch, catalog.DEFAULT) if arch else catalog.DEFAULT
+    base = catalog.by_name(args.name or default)
     o = {k: v for k, v in scenario_overrides(args).items() if k not in KERNEL_FIELDS}
+    o = {k: v for k, v in o.items() if getattr(base, k) != v}   # restating the entry changes nothing
     base = base.replace(**kernel_overrides(args))
     if not o:
         return base
@@ -203,7 +212,7 @@ def console_handover(run, phase: str) -> None:
     print(f"\n--- {phase}: the guest's serial console is yours. Type `exit` in the guest shell to continue "
           f"the run (Ctrl-] leaves the console and continues too). ---", file=sys.stderr, flush=True)
     run.machine.console.interact_raw(until=lambda: run.machine.events.find("resumed", run.pause_mark) is not None)
-    print(f"\n--- back to kdump-harness ---", file=sys.stderr, flush=True)
+    print("\n--- back to kdump-harness ---", file=sys.stderr, flush=True)
 
 
 def prepare_run(args: argparse.Namespace, scenario: Scenario):

@@ -40,10 +40,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from . import __version__, markers
-from .accel import AccelChoice, choose_accel
+from .accel import choose_accel
 from .deadline import Deadline
 from .distro_image import DebianImage, build_image, parse_recipe, recipe_dir
 from .dma import NIC_MAC, NicSource, DmaSource, make_source
@@ -51,9 +51,8 @@ from .dumpfile import DUMP_LEVEL_CLASSES, is_flattened, kdump_header, reassemble
 from .errors import DeadlineExceeded, HarnessError, HostError, MachineExited, UsageError
 from .kernels import Kernel, check_config, resolve_kernel
 from .machine import Drive, Machine, MachineSpec, UserNet, shell_command
-from .platforms import KDUMP_CONFIG_NEEDED, iommu_model
-from .run import BANNER_RE, PANIC_RE, REPORT_VERSION, RunState, Stop, detect_format, parse_iomem, split_console, \
-    write_json
+from .platforms import KDUMP_CONFIG_NEEDED
+from .run import BANNER_RE, PANIC_RE, REPORT_VERSION, RunBase, Stop, detect_format, parse_iomem
 from .scenario import Scenario
 from .verdict import Outcome, Verdict
 
@@ -93,7 +92,6 @@ KDUMP_DEFAULT_APPEND = "reset_devices systemd.unit=kdump-tools-dump.service nr_c
 NO_NIC_DRIVER = "modprobe.blacklist=e1000e"
 
 ProgressFn = Callable[[str, str, str], None]
-ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
 NIC_SETUP = f"""
 dev=""
@@ -316,72 +314,30 @@ class GuestNic(NicSource):
 
 # -- the run ----------------------------------------------------------------------------
 
-class DistroRun:
+class DistroRun(RunBase):
     """One scenario on the Debian guest image, into `outdir`. Mirrors KdumpRun:
     `execute()` does everything; `finish()` reaps QEMU and writes report.json."""
 
     def __init__(self, scenario: Scenario, outdir: Path | str, *, accel: str = "auto",
                  progress: ProgressFn | None = None, disk: str = "virtio", keep_disk: bool = False):
-        self.scenario = scenario
-        self.outdir = Path(outdir).resolve()
-        self.accel_request = accel
-        self.progress = progress or _quiet
+        self._init_common(scenario, outdir, accel, progress)
         guest = getattr(scenario, "guest", "debian")
         self.guest = "debian" if guest in (None, "initramfs") else guest
         if disk not in DISKS:
             raise UsageError(f"unknown root disk {disk!r}; choose one of {', '.join(DISKS)}")
         self.disk_interface = disk
         self.keep_disk = keep_disk
-        self.state = RunState()
-        self.kernel: Kernel | None = None
         self.image: DebianImage | None = None
         self.image_built = False
-        self.accel: AccelChoice | None = None
-        self.machine: Machine | None = None
         self.shell: GuestShell | None = None
-        self.outcome: Outcome | None = None
-        self.t0 = time.monotonic()
-        self.wall0 = time.time()
-        self.nonce = markers.new_nonce()
         self.dma: DmaSource = GuestNic() if scenario.dma == "nic" else make_source(
             scenario.dma if scenario.dma in DMA_SOURCES else "none")
         self.dma.attach(self)
-        self.scratch: Path | None = None
-        self.ram_file: Path | None = None
         self.run_disk: Path | None = None
         self.ssh_port: int | None = None
         self.canary_chan = None
-        self.region = None
-        self.vmcore: Path | None = None
-        self.analysis_report: dict | None = None
         self.filter_report: dict | None = None
-        self.first_console = ""
-        self.crash_console = ""
         self.heavy_trace_on = False
-
-    # -- helpers ---------------------------------------------------------------------
-
-    def now(self) -> float:
-        return round(time.monotonic() - self.t0, 3)
-
-    def mark(self, name: str) -> None:
-        self.state.marks[name] = self.now()
-
-    @contextlib.contextmanager
-    def phase(self, name: str, detail: str = "") -> Iterator[None]:
-        self.progress(name, "start", detail)
-        start = time.monotonic()
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            self.state.timings[name] = round(time.monotonic() - start, 3)
-            self.progress(name, "done" if ok else "failed", f"{self.state.timings[name]:.1f} s")
-
-    @property
-    def iommu(self):
-        return iommu_model(self.scenario.iommu)
 
     @property
     def qtest(self):
@@ -699,11 +655,6 @@ class DistroRun:
         """QEMU itself died (a signal, an assertion in a device model): what it said."""
         return self.machine.failure() if self.machine is not None else None
 
-    def _check_qemu(self) -> None:
-        failure = self.qemu_failure()
-        if failure:
-            raise HostError(failure)
-
     def _crash_expect(self, patterns: list[str], deadline: Deadline) -> int:
         """Wait on the crash kernel's console: QEMU exiting means it panicked or
         rebooted (-no-reboot), the deadline means it hung."""
@@ -720,13 +671,6 @@ class DistroRun:
             if re.search(PANIC_RE, self.crash_console):
                 raise Stop(Verdict.KDUMP_PANIC, f"the crash kernel panicked ({e})", self._console_tail()) from None
             raise Stop(Verdict.KDUMP_HANG, f"no dump: {e}", self._console_tail()) from None
-
-    def snapshot_region(self) -> None:
-        from .analysis import snapshot_crash_region
-
-        crash = self.state.facts.get("crash_kernel_range")
-        if self.region is None and crash and self.ram_file is not None and self.ram_file.exists():
-            self.region = snapshot_crash_region(self.ram_file, self.scenario.memory_mb, crash, self.nonce, self.now())
 
     # -- the dump, off the disk --------------------------------------------------------
 
@@ -799,7 +743,7 @@ class DistroRun:
     def hidden_by_filter(self, an) -> dict:
         """Old memory in the host's RAM view against the dump: marker records and
         canary pages the dump lacks (pages makedumpfile filtered out)."""
-        from .analysis import q35_ram_ranges
+        from .arch import arch_info
         from .checker import CanaryState, open_dump
 
         out: dict = {"hits": [], "ram_records": None, "dump_records": None, "canaries_not_in_dump": [],
@@ -810,7 +754,7 @@ class DistroRun:
         dma = lambda hits: [h for h in hits if h.source != markers.Source.CANARY]  # noqa: E731
         with open_dump(self.vmcore) as dump:
             in_dump = {h.phys for h in dma(dump.scan(self.nonce, max_markers=1 << 20, allow_unreadable=True).markers)}
-        ranges = old_memory_ranges(q35_ram_ranges(self.scenario.memory_mb), crash)
+        ranges = old_memory_ranges(arch_info("x86_64").ram_ranges(self.scenario.memory_mb), crash)
         with open_dump(self.ram_file, raw_ranges=ranges) as ram:
             in_ram = dma(ram.scan(self.nonce, max_markers=1 << 20, allow_unreadable=True).markers)
             missing = [(c.index, c.phys) for c in an.canaries if c.state == CanaryState.MISSING]
@@ -846,44 +790,7 @@ class DistroRun:
         except (DeadlineExceeded, MachineExited):
             return False
 
-    def _console_text(self) -> str:
-        try:
-            return self.machine.console_log.read_bytes().decode("utf-8", "replace").replace("\r\n", "\n")
-        except (OSError, AttributeError):
-            return ""
-
-    def _split_consoles(self) -> None:
-        self.first_console, self.crash_console = split_console(self._console_text())
-
-    def _console_tail(self, n: int = 12) -> list[str]:
-        # systemd colours its status lines: keep the words
-        lines = [ANSI_RE.sub("", l) for l in self._console_text().splitlines()]
-        lines = [l for l in lines if l.strip()]
-        return [f"console: {l[-200:]}" for l in lines[-n:]]
-
     # -- the whole run -------------------------------------------------------------------
-
-    def execute(self) -> Outcome:
-        try:
-            self.prepare()
-            self.boot()
-            self.start_dma()
-            self.panic()
-            self.follow_crash()
-            self.collect()
-            self.outcome = self.analyze()
-        except Stop as s:
-            self.outcome = s.outcome
-        except UsageError:
-            raise
-        except HarnessError as e:
-            self.outcome = Outcome(Verdict.ERROR, str(e), self._console_tail())
-        except KeyboardInterrupt:
-            self.outcome = Outcome(Verdict.ERROR, "interrupted (Ctrl-C)", self._console_tail())
-            raise
-        finally:
-            self.finish()
-        return self.outcome
 
     def finish(self) -> None:
         """Reap QEMU, drop the big scratch files, write report.json. Safe to call twice."""
@@ -901,16 +808,7 @@ class DistroRun:
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
         self.state.timings.setdefault("total", self.now())  # a second finish() keeps the run's own total
-        if self.outdir.is_dir():
-            (self.outdir / "console-first.log").write_text(self.first_console)
-            (self.outdir / "console-crash.log").write_text(self.crash_console)
-            report = self.report()
-            write_json(self.outdir / "report.json", report)
-            try:
-                from .report_html import write_run_html
-                write_run_html(report, self.outdir)
-            except Exception as e:  # a picture must never cost the run its report.json
-                log.warning("report.html not written: %s", e)
+        self.write_outputs()
 
     def phase_seconds(self) -> dict:
         """The durations the issue asks for, from the marks."""

@@ -24,7 +24,6 @@ Facts from QEMU 7.2 that shape this parser:
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 

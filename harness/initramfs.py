@@ -311,3 +311,18 @@ def with_settings(base: Path, settings: dict[str, bytes], out: Path) -> Path:
         shutil.copyfileobj(b, f, 1 << 20)
         f.write(cpio_bytes(settings))
     return out
+
+
+def builder_for(kernel, recipe_dir: Path = RECIPE_DIR) -> "Builder":
+    """The recipes' builder for `kernel`'s architecture: the host's own programs for
+    a host-architecture guest, else that architecture's Debian packages (debroot)
+    and cross-compiled helpers."""
+    from .arch import arch_info
+    from .guest_helpers import build_all
+
+    a = arch_info(kernel.arch)
+    helpers = build_all(a.name)
+    if a.guest_packages is None:
+        return Builder(kernel, recipe_dir, helpers=helpers)
+    from .debroot import guest_root
+    return Builder(kernel, recipe_dir, helpers=helpers, userland=guest_root(a))

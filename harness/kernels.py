@@ -16,7 +16,6 @@ import lzma
 import gzip
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field

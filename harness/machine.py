@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import re
 import shlex
 import shutil
 import signal
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 

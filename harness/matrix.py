@@ -18,9 +18,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, TextIO
+from typing import Sequence, TextIO
 
-from .deadline import Deadline, timeout_scale
+from .deadline import Deadline
 from .errors import UsageError
 from .scenario import Scenario
 

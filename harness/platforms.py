@@ -166,3 +166,10 @@ def iommu_model(name: str) -> IommuModel:
         return IOMMUS[name]
     except KeyError:
         raise UsageError(f"unknown IOMMU {name!r}; choose one of: {', '.join(IOMMUS)}") from None
+
+
+def kdump_config_needed(arch: str, iommu: str) -> tuple[str, ...]:
+    """The kernel config options a kdump run needs on `arch` with `iommu`."""
+    from .arch import arch_info
+
+    return arch_info(arch).kernel_config_needed(KDUMP_CONFIG_NEEDED) + iommu_model(iommu).config_needed

@@ -688,6 +688,16 @@ def _iommu(report: dict) -> str:
         out += "<h3>per device (QEMU's view)</h3>" + table(
             ["device", "translations", "after panic", "failed after panic", "target pages",
              "translated at panic", "last translation (s)", "switched off (s)"], drows, num=[1, 2, 3, 4, 6, 7])
+    smmu = _d(io_.get("smmu"))
+    if smmu:
+        story = smmu.get("story") or []
+        out += "<h3>what the crash kernel did with the SMMU (QEMU smmuv3 register writes)</h3>" + (
+            "<pre>" + esc("\n".join(str(x) for x in story)) + "</pre>" if story
+            else '<p class="note">no SMMU register writes after the panic</p>')
+        out += kv_table([
+            ("aborted after the panic, per device", fmt(smmu.get("aborted_after_panic"))),
+            ("passed untranslated after the panic, per device", fmt(smmu.get("passed_untranslated_after_panic"))),
+        ])
     return out
 
 

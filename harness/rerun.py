@@ -15,11 +15,12 @@ from pathlib import Path
 
 from .initramfs import cpio_bytes
 
+# sends one QMP command: a name (inject-nmi) or a JSON object with arguments
 QMP_ONE_LINER = (
     "python3 -c 'import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
     "f=s.makefile(\"rw\"); f.readline(); "
-    "[(f.write(json.dumps({\"execute\": c}) + \"\\n\"), f.flush(), print(f.readline().strip())) "
-    "for c in (\"qmp_capabilities\", sys.argv[2])]'"
+    "[(f.write(json.dumps(json.loads(c) if c[0] == \"{\" else {\"execute\": c}) + \"\\n\"), f.flush(), "
+    "print(f.readline().strip())) for c in (\"qmp_capabilities\", sys.argv[2])]'"
 )
 
 
@@ -46,6 +47,17 @@ def manual_argv(argv: list[str], sockets, outdir: Path, scratch: Path | None, ra
         a = a.replace(str(outdir) + "/", "")
         out.append(a)
     return out
+
+
+def panic_arg(run) -> str:
+    """The one-liner's argument that panics this guest, quoted for the echo line."""
+    import json
+
+    if "nmi" in run.arch.panic_methods:
+        # unknown_nmi_panic is on the first kernel's command line: an NMI panics it whatever the method
+        return "inject-nmi"
+    cmd, args = run.arch.panic_qmp(run.scenario.panic_method)
+    return "'" + json.dumps({"execute": cmd, "arguments": args}, separators=(",", ":")).replace('"', '\\"') + "'"
 
 
 def write_rerun_script(run) -> Path:
@@ -86,8 +98,7 @@ def write_rerun_script(run) -> Path:
         f"truncate -s {disk_size} dump-rerun.img",
         "cat initrd.img rerun-settings.cpio > \"$D/initrd\"   # later settings override earlier ones",
         "echo \"panic the guest from another terminal once it says 'ready':\" >&2",
-        # unknown_nmi_panic is on the first kernel's command line: an NMI panics it whatever the method
-        f"echo \"  {QMP_ONE_LINER.replace(chr(34), chr(92) + chr(34))} $D/qmp inject-nmi\" >&2",
+        f"echo \"  {QMP_ONE_LINER.replace(chr(34), chr(92) + chr(34))} $D/qmp {panic_arg(run)}\" >&2",
         " \\\n    ".join(_quote(a) for a in argv),
         "",
     ]

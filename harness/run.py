@@ -28,15 +28,15 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import __version__, markers
-from .accel import AccelChoice, choose_accel
+from .accel import AccelChoice, choose_accel_for
+from .arch import Arch, arch_info
 from .dma import DmaSource, make_source
 from .deadline import Deadline
 from .errors import DeadlineExceeded, HarnessError, HostError, MachineExited, UsageError
-from .guest_helpers import build_all
-from .initramfs import Builder, with_settings
+from .initramfs import builder_for, with_settings
 from .kernels import Kernel, check_config, resolve_kernel
 from .machine import Drive, Machine, MachineSpec, shell_command
-from .platforms import KDUMP_CONFIG_NEEDED, iommu_model
+from .platforms import iommu_model, kdump_config_needed
 from .scenario import Scenario
 from .verdict import Outcome, Verdict
 
@@ -109,18 +109,18 @@ class RunState:
     facts: dict = field(default_factory=dict)
 
 
-class KdumpRun:
-    """One scenario, run once, into `outdir`.
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
-    `execute()` does everything. The pieces (`prepare`, `boot`, `panic`,
-    `follow_crash`, `collect`, `analyze`) let a pytest fixture stop after `boot`
-    with a kdump-armed machine and let a test trigger the panic itself.
-    """
 
-    def __init__(self, scenario: Scenario, outdir: Path | str, *, accel: str = "auto",
-                 progress: ProgressFn | None = None, pause: str | None = None,
-                 on_pause: Callable[["KdumpRun", str], None] | None = None, keep_ram: bool = False):
+class RunBase:
+    """What every kind of run shares (`KdumpRun` here, `distro.DistroRun` for the
+    Debian guest): the clock and its marks, phases with timings, the console
+    log split into first and crash kernel, the host's view of the crash
+    kernel's reservation, and the end of a run (report.json, report.html)."""
+
+    def _init_common(self, scenario: Scenario, outdir: Path | str, accel: str, progress: ProgressFn | None) -> None:
         self.scenario = scenario
+        self.arch: Arch = arch_info(scenario.arch)
         self.outdir = Path(outdir).resolve()
         self.accel_request = accel
         self.progress = progress or _quiet
@@ -132,23 +132,15 @@ class KdumpRun:
         self.t0 = time.monotonic()
         self.wall0 = time.time()  # QEMU's trace timestamps are wall-clock
         self.nonce = markers.new_nonce()
-        self.dma: DmaSource = make_source(scenario.dma, **({"load_in_crash": scenario.crash_load_driver}
-                                                            if scenario.dma == "nic" else {}))
-        self.dma.attach(self)
         self.scratch: Path | None = None
         self.ram_file: Path | None = None
-        self.keep_ram = keep_ram
-        self.pause_phase = pause          # --interactive: first-boot, armed or crash
-        self.on_pause = on_pause          # called with (run, phase) when the guest pauses
-        self.pause_mark = 0
         self.region = None  # analysis.RegionSnapshot
         self.analysis_report: dict | None = None
         self.vmcore: Path | None = None
         self.first_console = ""
         self.crash_console = ""
-        self.crash_events_from = 0
 
-    # -- helpers ---------------------------------------------------------------------
+    # -- clock, phases ------------------------------------------------------------------
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 3)
@@ -169,12 +161,115 @@ class KdumpRun:
             self.progress(name, "done" if ok else "failed", f"{self.state.timings[name]:.1f} s")
 
     @property
-    def qtest(self):
-        return self.machine.qtest if self.machine else None
-
-    @property
     def iommu(self):
         return iommu_model(self.scenario.iommu)
+
+    def _check_qemu(self) -> None:
+        """QEMU exited: if QEMU itself failed, that is not the kernel's doing."""
+        failure = self.machine.failure() if self.machine is not None else None
+        if failure:
+            raise HostError(failure)
+
+    def snapshot_region(self) -> None:
+        """Read the crash kernel's reservation from the host's RAM view, now: after
+        the last DMA, before the crash kernel copies old memory through its own."""
+        from .analysis import snapshot_crash_region
+
+        crash = self.state.facts.get("crash_kernel_range")
+        if self.scenario.handover == "kexec":
+            crash = (0, 2 ** 64 - 1)  # after a plain kexec all of RAM is the second kernel's
+        if self.region is None and crash and self.ram_file is not None and self.ram_file.exists():
+            self.region = snapshot_crash_region(self.ram_file, self.scenario.memory_mb, crash, self.nonce, self.now(),
+                                                self.arch.name)
+
+    # -- the console ---------------------------------------------------------------------
+
+    def _console_bytes(self) -> bytes:
+        try:
+            return self.machine.console_log.read_bytes()
+        except (OSError, AttributeError):
+            return b""
+
+    def _console_text(self) -> str:
+        return self._console_bytes().decode("utf-8", "replace").replace("\r\n", "\n")
+
+    def _split_consoles(self) -> None:
+        self.first_console, self.crash_console = split_console(self._console_text())
+
+    def _console_tail(self, n: int = 12) -> list[str]:
+        # systemd colours its status lines: keep the words
+        lines = [ANSI_RE.sub("", l) for l in self._console_text().splitlines()]
+        lines = [l for l in lines if l.strip()]
+        return [f"console: {l[-200:]}" for l in lines[-n:]]
+
+    # -- the whole run --------------------------------------------------------------------
+
+    def execute(self) -> Outcome:
+        try:
+            self.prepare()
+            self.boot()
+            self.start_dma()
+            self.panic()
+            self.follow_crash()
+            self.collect()
+            self.outcome = self.analyze()
+        except Stop as s:
+            self.outcome = self.postmortem(s.outcome)
+        except UsageError:
+            raise
+        except HarnessError as e:
+            self.outcome = Outcome(Verdict.ERROR, str(e), self._console_tail())
+        except KeyboardInterrupt:
+            self.outcome = Outcome(Verdict.ERROR, "interrupted (Ctrl-C)", self._console_tail())
+            raise
+        finally:
+            self.finish()
+        return self.outcome
+
+    def postmortem(self, outcome: Outcome) -> Outcome:
+        """A Stop's outcome, reconsidered (KdumpRun: was in-flight DMA the cause?)."""
+        return outcome
+
+    def write_outputs(self) -> None:
+        """The split consoles, report.json and report.html, into outdir (if it exists)."""
+        if not self.outdir.is_dir():
+            return
+        (self.outdir / "console-first.log").write_text(self.first_console)
+        (self.outdir / "console-crash.log").write_text(self.crash_console)
+        report = self.report()
+        write_json(self.outdir / "report.json", report)
+        try:
+            from .report_html import write_run_html
+            write_run_html(report, self.outdir)
+        except Exception as e:  # a picture must never cost the run its report.json
+            log.warning("report.html not written: %s", e)
+
+
+class KdumpRun(RunBase):
+
+    """One scenario, run once, into `outdir`.
+
+    `execute()` does everything. The pieces (`prepare`, `boot`, `panic`,
+    `follow_crash`, `collect`, `analyze`) let a pytest fixture stop after `boot`
+    with a kdump-armed machine and let a test trigger the panic itself.
+    """
+
+    def __init__(self, scenario: Scenario, outdir: Path | str, *, accel: str = "auto",
+                 progress: ProgressFn | None = None, pause: str | None = None,
+                 on_pause: Callable[["KdumpRun", str], None] | None = None, keep_ram: bool = False):
+        self._init_common(scenario, outdir, accel, progress)
+        self.dma: DmaSource = make_source(scenario.dma, **({"load_in_crash": scenario.crash_load_driver}
+                                                            if scenario.dma == "nic" else {}))
+        self.dma.attach(self)
+        self.keep_ram = keep_ram
+        self.pause_phase = pause          # --interactive: first-boot, armed or crash
+        self.on_pause = on_pause          # called with (run, phase) when the guest pauses
+        self.pause_mark = 0
+        self.crash_events_from = 0
+
+    @property
+    def qtest(self):
+        return self.machine.qtest if self.machine else None
 
     # -- phases ------------------------------------------------------------------------
 
@@ -182,24 +277,25 @@ class KdumpRun:
         """Resolve the kernel and check its config: bad input fails here, before
         anything is written or started."""
         if self.kernel is None:
-            kernel = resolve_kernel(self.scenario.kernel, self.scenario.modules, self.scenario.kernel_config)
-            check_config(kernel, KDUMP_CONFIG_NEEDED + self.iommu.config_needed)
+            s = self.scenario
+            kernel = resolve_kernel(s.kernel, s.modules, s.kernel_config, arch=self.arch.name)
+            check_config(kernel, kdump_config_needed(self.arch.name, s.iommu))
             self.kernel = kernel
         return self.kernel
 
     def prepare(self, dry_run: bool = False) -> None:
         """Everything before QEMU starts. `dry_run`: no KVM probe (--show-command)."""
-        with self.phase("prepare", self.scenario.kernel):
+        detail = self.scenario.kernel + ("" if self.arch.name == "x86_64" else f" ({self.arch.name})")
+        with self.phase("prepare", detail):
             self.check_inputs()
             self.outdir.mkdir(parents=True, exist_ok=True)
-            builder = Builder(self.kernel, helpers=build_all())
-            base = builder.build("first")
+            base = builder_for(self.kernel).build("first")
             self.initrd = with_settings(base, {"etc/kh/run.env": self.run_env().encode()},
                                         self.outdir / "initrd.img")
             self.dump_disk = self.outdir / "dump.img"
             with open(self.dump_disk, "wb") as f:  # sparse: only what the crash kernel writes takes space
                 f.truncate((self.scenario.memory_mb + 256) << 20)
-            self.accel = choose_accel(self.accel_request, self.kernel.image, probe=not dry_run)
+            self.accel = choose_accel_for(self.arch.name, self.accel_request, self.kernel.image, probe=not dry_run)
             # DMA sockets; guest RAM shared with the host (tmpfs when there is one)
             self.scratch = Path(tempfile.mkdtemp(prefix="kh-run-"))
             shm = Path("/dev/shm")
@@ -229,7 +325,7 @@ class KdumpRun:
     def machine_spec(self) -> MachineSpec:
         s = self.scenario
         return MachineSpec(
-            name="guest", kernel=self.kernel.image, initrd=self.initrd,
+            name="guest", arch=self.arch.name, kernel=self.kernel.image, initrd=self.initrd,
             append=s.first_cmdline() + self.dma.first_append(),
             accel=self.accel.accel, memory_mb=s.memory_mb, iommu=s.iommu, iommu_options=s.iommu_options,
             drives=(Drive("dump", self.dump_disk, "khdump"),),
@@ -292,11 +388,8 @@ class KdumpRun:
                 self.mark("panic")  # the old kernel is gone from here on, as after a panic
             else:
                 self.mark("panic")
-                if self.scenario.panic_method == "nmi":
-                    m.qmp.cmd("inject-nmi")
-                else:
-                    keys = [{"type": "qcode", "data": k} for k in ("alt", "sysrq", "c")]
-                    m.qmp.cmd("send-key", keys=keys)
+                cmd, args = self.arch.panic_qmp(self.scenario.panic_method)
+                m.qmp.cmd(cmd, **args)
             deadline = Deadline(BUDGET["panic"], f"the {self.next_kernel}'s banner")
             self.dma.on_phase("during_kexec")
             try:
@@ -383,7 +476,7 @@ class KdumpRun:
                 return Outcome(Verdict.KDUMP_PANIC, "the vmcore is not a readable dump",
                                [f"{self.vmcore}: format {facts.get('vmcore_format')}"])
             evidence = [f"vmcore {self.vmcore.name}: {facts['vmcore_format']}, {self.vmcore.stat().st_size} bytes"]
-            if self.iommu.device:
+            if self.iommu.present:
                 evidence.append(f"crash kernel copied the old IOMMU tables: {facts['iommu_copied']}; "
                                 f"faults logged: {facts['iommu_faults']}")
             return self.dma_outcome(evidence)
@@ -401,25 +494,19 @@ class KdumpRun:
         what = "the second kernel came up" if self.scenario.handover == "kexec" else "vmcore captured"
         return Outcome(Verdict.PASS, f"{what}; nothing wrong found", evidence)
 
-    def snapshot_region(self) -> None:
-        """Read the crash kernel's reservation from the host's RAM view, now: after
-        the last DMA, before the crash kernel copies old memory through its own."""
-        from .analysis import snapshot_crash_region
-
-        crash = self.state.facts.get("crash_kernel_range")
-        if self.scenario.handover == "kexec":
-            crash = (0, 2 ** 64 - 1)  # after a plain kexec all of RAM is the second kernel's
-        if self.region is None and crash and self.ram_file is not None and self.ram_file.exists():
-            self.region = snapshot_crash_region(self.ram_file, self.scenario.memory_mb, crash, self.nonce, self.now())
-
     def analyze_dma(self) -> Outcome | None:
         """Markers in the vmcore and the host's RAM view, IOMMU ground truth, canaries."""
         from .analysis import analyze_dma, dma_report, dma_verdict
         from .groundtruth import parse_trace
 
         panic_t = self.state.marks.get("panic")
-        gt = parse_trace(self.machine.trace_log, self.scenario.iommu, self.wall0, panic_t) \
-            if self.iommu.device else None
+        gt = None
+        if self.scenario.iommu == "smmuv3":
+            from .smmu_trace import parse_smmuv3_trace
+            gt, smmu = parse_smmuv3_trace(self.machine.trace_log, self.wall0, panic_t)
+            self.state.facts["smmu"] = smmu.to_json(panic_t)   # what the crash kernel did with the SMMU
+        elif self.iommu.device:
+            gt = parse_trace(self.machine.trace_log, self.scenario.iommu, self.wall0, panic_t)
         kexec = self.scenario.handover == "kexec"
         an = analyze_dma(source=self.dma, nonce=self.nonce, vmcore=self.vmcore, region=self.region,
                          crash_range=None if kexec else self.state.facts.get("crash_kernel_range"),
@@ -448,12 +535,6 @@ class KdumpRun:
             self.machine.events.wait_for(("resumed",), Deadline(24 * 3600, "the person to leave the guest shell"),
                                          self.machine.alive, since=since)
             deadline = Deadline(deadline.seconds, deadline.what, scale=1)
-
-    def _check_qemu(self) -> None:
-        """QEMU exited: if QEMU itself failed, that is not the kernel's doing."""
-        failure = self.machine.failure() if self.machine is not None else None
-        if failure:
-            raise HostError(failure)
 
     def _wait_event(self, names, deadline: Deadline, verdict: Verdict):
         try:
@@ -493,7 +574,7 @@ class KdumpRun:
         """What the crash kernel's console says about its IOMMU (known even for a hung run)."""
         self._split_consoles()
         crash, facts = self.crash_console, self.state.facts
-        facts["iommu_copied"] = self.iommu.copied(crash) if self.iommu.device and crash else None
+        facts["iommu_copied"] = self.iommu.copied(crash) if self.iommu.present and crash else None
         facts["iommu_disabled"] = self.iommu.disabled(crash) if crash else None
         facts["iommu_faults"] = self.iommu.faults(crash) if crash else None
         self._mark_console("crash_iommu_init", self.iommu.init_done_re)
@@ -512,44 +593,7 @@ class KdumpRun:
             if t is not None:
                 self.state.marks[name] = round(t - self.t0, 3)
 
-    def _console_bytes(self) -> bytes:
-        try:
-            return self.machine.console_log.read_bytes()
-        except (OSError, AttributeError):
-            return b""
-    def _console_text(self) -> str:
-        return self._console_bytes().decode("utf-8", "replace").replace("\r\n", "\n")
-
-    def _split_consoles(self) -> None:
-        self.first_console, self.crash_console = split_console(self._console_text())
-
-    def _console_tail(self, n: int = 12) -> list[str]:
-        lines = [l for l in self._console_text().splitlines() if l.strip()]
-        return [f"console: {l[-200:]}" for l in lines[-n:]]
-
     # -- the whole run --------------------------------------------------------------------
-
-    def execute(self) -> Outcome:
-        try:
-            self.prepare()
-            self.boot()
-            self.start_dma()
-            self.panic()
-            self.follow_crash()
-            self.collect()
-            self.outcome = self.analyze()
-        except Stop as s:
-            self.outcome = self.postmortem(s.outcome)
-        except UsageError:
-            raise
-        except HarnessError as e:
-            self.outcome = Outcome(Verdict.ERROR, str(e), self._console_tail())
-        except KeyboardInterrupt:
-            self.outcome = Outcome(Verdict.ERROR, "interrupted (Ctrl-C)", self._console_tail())
-            raise
-        finally:
-            self.finish()
-        return self.outcome
 
     def postmortem(self, outcome: Outcome) -> Outcome:
         """The next kernel failed (panicked, hung, saved nothing): was in-flight DMA
@@ -589,16 +633,7 @@ class KdumpRun:
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
         self.state.timings["total"] = self.now()
-        if self.outdir.is_dir():
-            (self.outdir / "console-first.log").write_text(self.first_console)
-            (self.outdir / "console-crash.log").write_text(self.crash_console)
-            report = self.report()
-            write_json(self.outdir / "report.json", report)
-            try:
-                from .report_html import write_run_html
-                write_run_html(report, self.outdir)
-            except Exception as e:  # a picture must never cost the run its report.json
-                log.warning("report.html not written: %s", e)
+        self.write_outputs()
 
     def write_rerun(self) -> None:
         if not self.machine or not self.machine.argv:
@@ -614,6 +649,7 @@ class KdumpRun:
             "report_version": REPORT_VERSION,
             "harness_version": __version__,
             "scenario": self.scenario.to_json(),
+            "arch": self.arch.name,
             "verdict": o.verdict.value,
             "reason": o.reason,
             "evidence": o.evidence,
@@ -636,6 +672,7 @@ class KdumpRun:
                 "crash_kernel_copied_tables": f.get("iommu_copied"),
                 "crash_kernel_disabled": f.get("iommu_disabled"),
                 "faults": f.get("iommu_faults"),
+                **({"smmu": f["smmu"]} if "smmu" in f else {}),
             },
             "memory_map": f.get("iomem", []),
             "dma": self.analysis_report or {"source": self.scenario.dma, "nonce": f"0x{self.nonce:016x}"},

@@ -12,8 +12,9 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+from .arch import arch_info
 from .errors import UsageError
-from .platforms import IOMMUS, iommu_model
+from .platforms import iommu_model
 
 DEFAULT_CRASH_BASE = ("irqpoll", "nr_cpus=1", "reset_devices")
 PANIC_METHODS = ("nmi", "sysrq")
@@ -26,6 +27,7 @@ HANDOVERS = ("panic", "kexec")
 @dataclass(frozen=True)
 class Scenario:
     name: str = "adhoc"
+    arch: str = "x86_64"                     # the guest's architecture (harness.arch): x86_64, aarch64
     iommu: str = "intel"
     iommu_options: tuple[str, ...] = ()      # extra QEMU device properties, e.g. x-scalable-mode=on
     kernel: str = "debian-6.1"               # debian-6.1, debian-6.12, debian:<pkg> or a path
@@ -36,7 +38,7 @@ class Scenario:
     crash_append: tuple[str, ...] = ()       # appended last: overrides the defaults
     memory_mb: int = 1024
     crashkernel: str = "256M"
-    panic_method: str = "nmi"
+    panic_method: str = ""                   # nmi, sysrq; "" = the architecture's first (x86: nmi)
     dump_format: str = "elf"
     dma: str = "none"                        # none, nic, edu (harness.dma)
     crash_load_driver: bool = False          # load the DMA device's driver in the crash kernel (takeover)
@@ -50,8 +52,18 @@ class Scenario:
 
     def __post_init__(self) -> None:
         iommu_model(self.iommu)
+        a = arch_info(self.arch)
+        object.__setattr__(self, "arch", a.name)          # arm64 -> aarch64
+        a.check_iommu(self.iommu)
+        if not self.panic_method:
+            object.__setattr__(self, "panic_method", a.panic_methods[0])
         if self.panic_method not in PANIC_METHODS:
             raise UsageError(f"unknown panic method {self.panic_method!r}; use one of {', '.join(PANIC_METHODS)}")
+        if self.panic_method not in a.panic_methods:
+            raise UsageError(f"--panic {self.panic_method} does not work on {a.title}; "
+                             f"use {' or '.join(a.panic_methods)}")
+        if self.guest != "initramfs" and a.name != "x86_64":
+            raise UsageError(f"--guest {self.guest} is built for x86_64 only; use --guest initramfs on {a.name}")
         if self.dma not in DMA_SOURCES:
             raise UsageError(f"unknown DMA source {self.dma!r}; use one of {', '.join(DMA_SOURCES)}")
         if self.handover not in HANDOVERS:
@@ -69,18 +81,21 @@ class Scenario:
     # -- the two kernel command lines ----------------------------------------------
 
     def first_cmdline(self) -> tuple[str, ...]:
-        return ("console=ttyS0", f"crashkernel={self.crashkernel}", "panic=-1", "unknown_nmi_panic",
-                *iommu_model(self.iommu).first_append, *self.first_append)
+        return arch_info(self.arch).kernel_cmdline((
+            "console=ttyS0", f"crashkernel={self.crashkernel}", "panic=-1", "unknown_nmi_panic",
+            *iommu_model(self.iommu).first_append, *self.first_append))
 
     def crash_cmdline(self) -> tuple[str, ...]:
         """The next kernel's command line: the crash kernel's, or with a plain kexec
         handover a normal kernel's (the first kernel's IOMMU options; nokaslr, so
         its image sits where aimed DMA expects it)."""
         if self.handover == "kexec":
-            return ("console=ttyS0", "panic=-1", "nokaslr", "kh.role=second",
+            opts = ("console=ttyS0", "panic=-1", "nokaslr", "kh.role=second",
                     *iommu_model(self.iommu).first_append, *self.first_append, *self.crash_append)
-        return ("console=ttyS0", "panic=-1", *self.crash_base,
-                *iommu_model(self.iommu).crash_append, *self.crash_append)
+        else:
+            opts = ("console=ttyS0", "panic=-1", *self.crash_base,
+                    *iommu_model(self.iommu).crash_append, *self.crash_append)
+        return arch_info(self.arch).kernel_cmdline(opts)
 
     # -- (de)serialisation ---------------------------------------------------------------
 
@@ -98,6 +113,8 @@ class Scenario:
         return cls(**kw)
 
     def replace(self, **changes: Any) -> "Scenario":
+        if "arch" in changes and "panic_method" not in changes:
+            changes["panic_method"] = ""   # the new architecture's own default
         return dataclasses.replace(self, **changes)
 
 

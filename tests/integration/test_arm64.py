@@ -72,11 +72,11 @@ def extract(path: Path, dest: Path) -> Path:
 
 
 def test_arm64_images_from_the_recipes(real_cache, tmp_path):
-    from harness.archrun import initramfs_builder
+    from harness.initramfs import builder_for
     from harness.kernels import resolve_kernel
 
     kernel = resolve_kernel("debian-6.1", arch="aarch64")
-    first = extract(initramfs_builder(kernel).build("first"), tmp_path / "first")
+    first = extract(builder_for(kernel).build("first"), tmp_path / "first")
     crash = extract(first / "boot/crash.cpio", tmp_path / "crash")
     image = (first / "boot/vmlinuz").read_bytes()[:64]
     assert image[0x38:0x3C] == b"ARM\x64"      # an arm64 Image (Debian's is not compressed)
@@ -105,8 +105,8 @@ def qemu_reason() -> str | None:
 
 @pytest.fixture
 def arm64_run(request, kh_outdir, monkeypatch):
-    from harness.archrun import ArchKdumpRun
     from harness.pytest_plugin import _cleanup
+    from harness.run import KdumpRun
 
     reason = qemu_reason()
     if reason:
@@ -114,7 +114,7 @@ def arm64_run(request, kh_outdir, monkeypatch):
     runs = []
 
     def _run(scenario: Scenario):
-        run = ArchKdumpRun(scenario, kh_outdir, arch="aarch64", accel=request.config.getoption("--kh-accel"))
+        run = KdumpRun(scenario, kh_outdir, accel=request.config.getoption("--kh-accel"))
         runs.append(run)
         run.execute()
         return run
@@ -137,7 +137,7 @@ def test_arm64_smmuv3_kdump_with_aimed_dma(arm64_run):
     a virtio keyboard panics it; the crash kernel resets the SMMU (it never adopts
     the old stream table) and writes an arm64 ELF vmcore; edu DMA fired after the
     reset is aborted by the crash kernel's stream table."""
-    run = arm64_run(Scenario(iommu="smmuv3", dma="edu"))
+    run = arm64_run(Scenario(arch="aarch64", iommu="smmuv3", dma="edu"))
     assert run.outcome.verdict == Verdict.PASS, run.outcome
     rep = run.report()
     assert rep["arch"] == "aarch64" and rep["accel"] == "tcg" and rep["scenario"]["panic_method"] == "sysrq"
@@ -163,7 +163,7 @@ def test_arm64_smmuv3_kdump_with_aimed_dma(arm64_run):
 @pytest.mark.slow
 def test_arm64_makedumpfile_without_iommu(arm64_run):
     """No IOMMU; the crash kernel saves a kdump-compressed dump with arm64 makedumpfile."""
-    run = arm64_run(Scenario(iommu="none", dump_format="kdump"))
+    run = arm64_run(Scenario(arch="aarch64", iommu="none", dump_format="kdump"))
     assert run.outcome.verdict == Verdict.PASS, run.outcome
     assert run.vmcore.name == "vmcore.kdump" and run.vmcore.read_bytes()[:8] == b"KDUMP   "
     assert run.report()["dma"]["canaries"]["intact"] == 16

@@ -1,10 +1,8 @@
 """Real kernels, real QEMU, real kdump: the walking skeleton end to end."""
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

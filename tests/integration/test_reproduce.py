@@ -1,10 +1,7 @@
 """Reproducing runs: --interactive hand-over, repro of a saved report, rerun.sh by hand."""
 import json
-import re
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pexpect
 import pytest

@@ -5,10 +5,11 @@ import pytest
 
 from harness import arch as arch_mod
 from harness.arch import ARCHES, arch_info
-from harness.archrun import choose_accel_for, kdump_config_needed, panic_command, region_ranges
+from harness.accel import choose_accel_for
+from harness.analysis import crash_region_ranges
 from harness.errors import UsageError
 from harness.machine import Drive, MachineSpec, Sockets, build_argv
-from harness.platforms import KDUMP_CONFIG_NEEDED, iommu_model
+from harness.platforms import KDUMP_CONFIG_NEEDED, iommu_model, kdump_config_needed
 
 SOCKS = Sockets(Path("/s/qmp"), Path("/s/con"), Path("/s/res"), Path("/s/qt"))
 X86_APPEND = ("console=ttyS0", "crashkernel=256M", "panic=-1", "unknown_nmi_panic")
@@ -59,8 +60,8 @@ def test_ram_layouts():
     assert ARCHES["x86_64"].ram_ranges(4096) == [(0, 0, 0x80000000), (0x80000000, 1 << 32, 0x80000000)]
     assert ARCHES["aarch64"].ram_ranges(1024) == [(0, 0x40000000, 1 << 30)]
     # the crash kernel's reservation as seen in a 1 GiB arm64 guest
-    assert region_ranges("aarch64", 1024, (0x6AC00000, 0x7ABFFFFF)) == [(0x2AC00000, 0x6AC00000, 256 << 20)]
-    assert region_ranges("x86_64", 1024, (0x22000000, 0x31FFFFFF)) == [(0x22000000, 0x22000000, 256 << 20)]
+    assert crash_region_ranges(1024, (0x6AC00000, 0x7ABFFFFF), "aarch64") == [(0x2AC00000, 0x6AC00000, 256 << 20)]
+    assert crash_region_ranges(1024, (0x22000000, 0x31FFFFFF)) == [(0x22000000, 0x22000000, 256 << 20)]
 
 
 def test_debian_package_qualified_only_for_a_foreign_arch(monkeypatch):
@@ -113,11 +114,11 @@ def test_smmuv3_model():
 
 
 def test_panic_command():
-    assert panic_command("x86_64", "nmi") == ("inject-nmi", {})
-    cmd, args = panic_command("aarch64", "sysrq")
+    assert ARCHES["x86_64"].panic_qmp("nmi") == ("inject-nmi", {})
+    cmd, args = ARCHES["aarch64"].panic_qmp("sysrq")
     assert cmd == "send-key" and [k["data"] for k in args["keys"]] == ["alt", "sysrq", "c"]
-    with pytest.raises(UsageError, match="does not work on aarch64"):
-        panic_command("aarch64", "nmi")
+    with pytest.raises(UsageError, match=r"--panic nmi does not work on Arm64 \(QEMU virt\); use sysrq"):
+        ARCHES["aarch64"].panic_qmp("nmi")
 
 
 def test_accel_for_a_foreign_guest_is_tcg(monkeypatch, tmp_path):

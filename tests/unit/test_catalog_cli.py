@@ -108,3 +108,38 @@ def test_manual_argv_swaps_the_harness_sockets(tmp_path):
     assert "$D/initrd" in m and "if=none,id=dump,file=dump-rerun.img" in m
     assert "dgram,local.path=$D/nic-q" in m and "guest.trace.log" in m
     assert not any("/tmp/kh-a" in a for a in m)
+
+
+def test_arch_alone_runs_that_architectures_default():
+    sc = scenario_from_args(args("--arch", "arm64"))
+    assert sc == catalog.by_name("smmuv3-edu") and sc.arch == "aarch64" and sc.panic_method == "sysrq"
+    assert {"arm64", "slow", "smmuv3"} <= set(sc.tags)
+    # restating what the entry says changes nothing; a real change makes it custom
+    assert scenario_from_args(args("--arch", "aarch64", "--iommu", "smmuv3")) == sc
+    custom = scenario_from_args(args("--arch", "aarch64", "--iommu", "none"))
+    assert custom.name == "smmuv3-edu+custom" and custom.iommu == "none" and custom.expect == ""
+    # an x86 entry moved to arm64 keeps its IOMMU, which virt does not have
+    with pytest.raises(UsageError, match=r"--iommu intel does not exist on Arm64"):
+        scenario_from_args(args("intel-copy-nic", "--arch", "aarch64"))
+    with pytest.raises(UsageError, match="unknown architecture 'sparc'"):
+        scenario_from_args(args("--arch", "sparc"))
+
+
+def test_scenario_per_architecture():
+    arm = Scenario(arch="arm64", iommu="smmuv3", dma="edu")
+    assert arm.arch == "aarch64" and arm.panic_method == "sysrq"
+    assert arm.first_cmdline()[0] == "console=ttyAMA0" and "unknown_nmi_panic" not in arm.first_cmdline()
+    assert arm.crash_cmdline()[:2] == ("console=ttyAMA0", "panic=-1")
+    x86 = Scenario()
+    assert x86.arch == "x86_64" and x86.panic_method == "nmi" and "unknown_nmi_panic" in x86.first_cmdline()
+    # moving a scenario to another architecture takes that architecture's panic method
+    assert x86.replace(arch="aarch64", iommu="none").panic_method == "sysrq"
+    with pytest.raises(UsageError, match="--panic nmi does not work on Arm64"):
+        Scenario(arch="aarch64", iommu="none", panic_method="nmi")
+    with pytest.raises(UsageError, match="--guest debian is built for x86_64 only"):
+        Scenario(arch="aarch64", iommu="none", guest="debian")
+    # a report written before the arch field existed replays as x86_64
+    d = x86.to_json()
+    del d["arch"]
+    assert Scenario.from_json(d) == x86
+    assert Scenario.from_json(arm.to_json()) == arm

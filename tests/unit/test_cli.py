@@ -2,7 +2,6 @@
 import subprocess
 import sys
 
-import pytest
 
 from tests.unit.test_kernels import GOOD, fake_bzimage
 
@@ -53,3 +52,9 @@ def test_bad_timeout_scale(tmp_path, monkeypatch):
     monkeypatch.setenv("KDUMP_HARNESS_TIMEOUT_SCALE", "fast")
     r = cli("run", "--kernel", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert_one_clear_line(r, "KDUMP_HARNESS_TIMEOUT_SCALE")
+
+
+def test_unknown_arch_is_one_line(tmp_path):
+    r = cli("run", "--arch", "sparc", "--out", str(tmp_path / "o"))
+    assert_one_clear_line(r, "unknown architecture 'sparc'", "x86_64, aarch64")
+    assert not (tmp_path / "o").exists()

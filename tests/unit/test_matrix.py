@@ -1,7 +1,6 @@
 """The matrix runner against fake runs (a tiny script stands in for `kdump-harness run`)."""
 import io
 import json
-import signal
 import sys
 import threading
 import time

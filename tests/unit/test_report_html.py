@@ -215,3 +215,14 @@ def test_matrix_page(tmp_path):
     assert "CORRUPTION 2" in page and "KDUMP_HANG 1" in page and "PASS 1" in page
     total = sum(r["timings_s"]["total"] for r, _ in runs)
     assert f"{total:.1f}" in page
+
+
+def test_smmu_story_is_shown(tmp_path):
+    rep = copy.deepcopy(sample("pass"))
+    rep["iommu"]["smmu"] = {"story": ["40.944s GBPA <- 0x80100000 (abort while disabled)",
+                                      "40.949s CR0 <- 0x9 (SMMUEN|CMDQEN)"],
+                            "aborted_after_panic": {"00:05.0": 8064}, "passed_untranslated_after_panic": {}}
+    iommu = section(render_run_html(rep, tmp_path), "iommu")
+    assert "what the crash kernel did with the SMMU" in iommu
+    assert "GBPA &lt;- 0x80100000" in iommu and "SMMUEN|CMDQEN" in iommu and "8064" in iommu
+    assert "SMMU" not in section(render_run_html(sample("pass"), tmp_path), "iommu")
