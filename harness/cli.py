@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run the catalog entries matching FILTERs (default: !slow), N at a time, "
                                     "each in its own process. Exit 0 when every verdict is the expected one.")
     mx.add_argument("filters", nargs="*", metavar="FILTER", help="tag, !tag or name glob (default: !slow)")
-    mx.add_argument("-j", "--jobs", type=int, default=1, help="scenarios at a time (default 1)")
+    mx.add_argument("-j", "-n", "--jobs", type=int, default=1, help="scenarios at a time (default 1)")
     mx.add_argument("--out", help="output directory (default: kdump-harness-runs/<time>-matrix)")
     mx.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto")
     kg = mx.add_argument_group("kernel under test (default: each scenario's own)")

@@ -348,10 +348,20 @@ class Machine:
             return None
         return self.returncode
 
-    def failure(self) -> str | None:
+    def failure(self, settle: float = 5.0) -> str | None:
         """When QEMU has exited because QEMU itself failed (killed by a signal we did
-        not send, an assertion in a device model): what it said. None otherwise."""
-        if self.proc is None or self.proc.poll() is None:
+        not send, an assertion in a device model): what it said. None otherwise.
+
+        Called once the console or results socket has closed: an aborting QEMU
+        closes its sockets before it is gone (it writes the assertion, then dumps
+        core), so give it up to `settle` seconds to finish exiting."""
+        if self.proc is None:
+            return None
+        try:
+            self.proc.wait(timeout=settle)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.proc.poll() is None:
             return None
         rc = self.proc.poll()
         tail = self._output_tail(1000).strip()

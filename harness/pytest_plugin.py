@@ -39,7 +39,8 @@ MARKERS = {
     "boot": "boots real kernels in QEMU (integration tier)",
     "slow": "too slow for the default CI job; run with --run-slow",
     "intel": "catalog entries with the Intel IOMMU", "amd": "catalog entries with the AMD IOMMU",
-    "noiommu": "catalog entries without an IOMMU", "k61": "Debian 6.1 kernel", "k612": "Debian 6.12 kernel",
+    "noiommu": "catalog entries without an IOMMU", "virtio": "catalog entries with virtio-iommu",
+    "smmuv3": "catalog entries with the Arm SMMUv3", "arm64": "arm64 guests (qemu-system-aarch64)", "k61": "Debian 6.1 kernel", "k612": "Debian 6.12 kernel",
     "control": "positive controls: the harness must detect a failure",
 }
 

@@ -7,6 +7,7 @@ and a results event, and then does what FAKE_QEMU_MODE says:
   exit     exit with status 1 right away, after printing an error
   ignore   ignore QMP quit and SIGTERM, so only SIGKILL stops it
   abort    connect, then fail like a device model's assertion (SIGABRT)
+  abort-late  the same, but its sockets close a second before the process is gone
 """
 import json
 import os
@@ -45,6 +46,21 @@ for name in ("qmp0", "con0", "res0"):
 socks["con0"].sendall(b"[    0.000000] Linux version 6.1.0-fake\r\nfake console ready\r\n")
 if "res0" in socks:
     socks["res0"].sendall(b"boot role=first release=6.1.0-fake\n")
+
+if mode == "abort-late":
+    q = socks["qmp0"]
+    q.sendall(b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, '
+              b'"capabilities": []}}\r\n')
+    while b"qmp_capabilities" not in q.recv(4096):
+        pass
+    q.sendall(b'{"return": {}}\r\n')
+    time.sleep(0.5)
+    print("qemu-system-x86_64: ../hw/net/e1000e_core.c:143: e1000e_intrmgr_on_throttling_timer: Assertion "
+          "`!msix_enabled(timer->core->owner)' failed.", file=sys.stderr, flush=True)
+    for sock in socks.values():
+        sock.close()
+    time.sleep(1.5)
+    os.abort()
 
 if mode == "abort":
     time.sleep(0.2)

@@ -5,7 +5,8 @@ from harness.catalog import CATALOG
 
 pytestmark = pytest.mark.boot
 
-MARKS = {"intel": "intel", "amd": "amd", "none": "noiommu", "6.1": "k61", "6.12": "k612", "control": "control"}
+MARKS = {"intel": "intel", "amd": "amd", "none": "noiommu", "virtio": "virtio", "smmuv3": "smmuv3", "arm64": "arm64",
+         "6.1": "k61", "6.12": "k612", "control": "control"}
 
 
 def params():

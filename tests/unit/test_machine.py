@@ -132,8 +132,24 @@ def test_a_qemu_that_aborts_is_told_apart_from_a_guest_that_exits(tmp_path, fake
     m.shutdown()
 
 
+def test_an_abort_is_seen_even_when_the_sockets_close_first(tmp_path, fake_qemu, monkeypatch):
+    """An aborting QEMU closes its sockets before it is gone: the console's EOF
+    arrives first, and failure() must still name the assertion, not blame the guest."""
+    monkeypatch.setenv("FAKE_QEMU_MODE", "abort-late")
+    m = Machine(spec(tmp_path, qemu=fake_qemu), tmp_path / "out")
+    m.launch()
+    deadline = Deadline(10, "the fake QEMU to print its assertion", scale=1)
+    while "Assertion" not in m._output_tail():
+        deadline.check()
+        time.sleep(0.05)
+    assert m.proc.poll() is None          # sockets gone, process not yet
+    msg = m.failure()
+    assert msg and "e1000e_intrmgr_on_throttling_timer" in msg and "status -6" in msg
+    m.shutdown()
+
+
 def test_a_clean_exit_is_no_qemu_failure(tmp_path, fake_qemu):
     m = Machine(spec(tmp_path, qemu=fake_qemu), tmp_path / "out")
     with m:
-        assert m.failure() is None  # still running
+        assert m.failure(settle=0) is None  # still running
     assert m.returncode == 0 and m.failure() is None
