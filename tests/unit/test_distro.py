@@ -386,7 +386,7 @@ def crash_run(tmp_path, exc, console_text: str, qemu_rc=None, qemu_out="") -> Di
     # a real Machine's failure() judges the fake process's status and output
     from harness.machine import Machine
     machine = SimpleNamespace(console=FakeConsole(exc), console_log=out / "console.log",
-                              proc=SimpleNamespace(poll=lambda: qemu_rc),
+                              proc=SimpleNamespace(poll=lambda: qemu_rc, wait=lambda timeout=None: qemu_rc),
                               _output_tail=lambda n=1000: qemu_out)
     machine.failure = lambda: Machine.failure(machine)
     run.machine = machine
