@@ -267,9 +267,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not entries:
         raise UsageError(f"no catalog entry matches {' '.join(args.filters)}")
     w = max(len(sc.name) for sc in entries)
-    print(f"{'NAME':<{w}}  {'IOMMU':<6}  {'DMA':<4}  {'KERNEL':<11}  {'EXPECT':<15}  REASON")
+    print(f"{'NAME':<{w}}  {'ARCH':<7}  {'IOMMU':<6}  {'DMA':<4}  {'KERNEL':<11}  {'EXPECT':<15}  REASON")
     for sc in entries:
-        print(f"{sc.name:<{w}}  {sc.iommu:<6}  {sc.dma:<4}  {sc.kernel:<11}  {sc.expect:<15}  {sc.reason}")
+        print(f"{sc.name:<{w}}  {sc.arch:<7}  {sc.iommu:<6}  {sc.dma:<4}  {sc.kernel:<11}  {sc.expect:<15}  "
+              f"{sc.reason}")
     tags = sorted({t for sc in catalog.CATALOG for t in sc.tags})
     print(f"\n{len(entries)} scenarios. Run one: kdump-harness run NAME. Filters: a tag "
           f"({', '.join(tags)}), !tag, or a name glob.")
