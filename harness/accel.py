@@ -75,16 +75,22 @@ def probe_kvm(kernel_image: Path, qemu: str = "qemu-system-x86_64", seconds: flo
             proc.wait(timeout=10)
 
 
+def requested_accel(requested: str) -> str:
+    """"auto", "kvm" or "tcg": `requested`, or KDUMP_HARNESS_ACCEL when it is auto."""
+    requested = os.environ.get("KDUMP_HARNESS_ACCEL", requested) if requested == "auto" else requested
+    if requested not in ("auto", "kvm", "tcg"):
+        raise UsageError(f"unknown accelerator {requested!r}; use auto, kvm or tcg")
+    return requested
+
+
 def choose_accel(requested: str, kernel_image: Path, qemu: str = "qemu-system-x86_64",
                  probe: bool = True) -> AccelChoice:
     """`requested` is "auto", "kvm" or "tcg" (or KDUMP_HARNESS_ACCEL). Without
     `probe`, an unknown answer is not probed for: KVM is assumed when requested,
     else TCG."""
-    requested = os.environ.get("KDUMP_HARNESS_ACCEL", requested) if requested == "auto" else requested
+    requested = requested_accel(requested)
     if requested == "tcg":
         return AccelChoice("tcg", "requested")
-    if requested not in ("auto", "kvm"):
-        raise UsageError(f"unknown accelerator {requested!r}; use auto, kvm or tcg")
     key = f"{_boot_id()}|{stat_key(Path(kernel_image))}|{qemu}"
     cache = cache_root() / "accel-probe.json"
     try:
@@ -116,13 +122,11 @@ def choose_accel_for(arch: str, requested: str, kernel_image: Path, probe: bool 
     a = arch_info(arch)
     if a.name == "x86_64" and a.native:
         return choose_accel(requested, kernel_image, a.qemu_binary, probe=probe)
-    requested = os.environ.get("KDUMP_HARNESS_ACCEL", requested) if requested == "auto" else requested
+    requested = requested_accel(requested)
     if requested == "kvm":
         why = "on this host" if not a.native else "here yet (no KVM probe for it)"
         raise UsageError(f"--accel kvm: the harness cannot run {a.name} guests under KVM {why}; "
                          f"use --accel auto or tcg")
-    if requested not in ("auto", "tcg"):
-        raise UsageError(f"unknown accelerator {requested!r}; use auto, kvm or tcg")
     return AccelChoice("tcg", "requested" if requested == "tcg" else
                        f"no KVM for {a.name} guests on this host" if not a.native
                        else f"KVM is not probed for {a.name} guests yet")

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, markers
+from . import markers
 from .accel import choose_accel
 from .deadline import Deadline
 from .distro_image import DebianImage, build_image, parse_recipe, recipe_dir
@@ -52,7 +52,7 @@ from .errors import DeadlineExceeded, HarnessError, HostError, MachineExited, Us
 from .kernels import Kernel, check_config, resolve_kernel
 from .machine import Drive, Machine, MachineSpec, UserNet, shell_command
 from .platforms import KDUMP_CONFIG_NEEDED
-from .run import BANNER_RE, PANIC_RE, REPORT_VERSION, RunBase, Stop, detect_format, parse_iomem
+from .run import BANNER_RE, PANIC_RE, ProgressFn, RunBase, Stop, detect_format, parse_iomem
 from .scenario import Scenario
 from .verdict import Outcome, Verdict
 
@@ -91,7 +91,6 @@ SSH_HINT_RE = r"OpenBSD Secure Shell server|ssh\.service| login: "
 KDUMP_DEFAULT_APPEND = "reset_devices systemd.unit=kdump-tools-dump.service nr_cpus=1 irqpoll usbcore.nousb"
 NO_NIC_DRIVER = "modprobe.blacklist=e1000e"
 
-ProgressFn = Callable[[str, str, str], None]
 
 NIC_SETUP = f"""
 dev=""
@@ -105,10 +104,6 @@ rx=$(ethtool -g "$dev" 2>/dev/null | awk '/^Current/ {{c = 1}} c && /^RX:/ {{pri
 drv=$(basename "$(readlink "/sys/class/net/$dev/device/driver")")
 echo "rc=$rc dev=$dev rx=${{rx:-unknown}} ring_rc=$ring_rc driver=$drv"
 """
-
-
-def _quiet(phase: str, status: str, detail: str) -> None:
-    log.info("%s: %s %s", phase, status, detail)
 
 
 def free_port() -> int:
@@ -771,11 +766,8 @@ class DistroRun(RunBase):
         return out
 
     def console_facts(self) -> None:
-        self._split_consoles()
+        super().console_facts()
         crash, facts = self.crash_console, self.state.facts
-        facts["iommu_copied"] = self.iommu.copied(crash) if self.iommu.device and crash else None
-        facts["iommu_disabled"] = self.iommu.disabled(crash) if crash else None
-        facts["iommu_faults"] = self.iommu.faults(crash) if crash else None
         facts["crash_kernel_loaded_e1000e"] = bool(re.search(r"e1000e 0000:00:04\.0", crash)) if crash else None
 
     # -- console -----------------------------------------------------------------------
@@ -825,73 +817,38 @@ class DistroRun(RunBase):
                 "image_prepare": self.state.timings.get("image")}
 
     def report(self) -> dict:
+        rep = super().report()
         f = self.state.facts
-        o = self.outcome or Outcome(Verdict.ERROR, "the run did not finish")
         header = f.get("dump_header") or {}
-        return {
-            "report_version": REPORT_VERSION,
-            "harness_version": __version__,
-            "scenario": self.scenario.to_json(),
-            "verdict": o.verdict.value,
-            "reason": o.reason,
-            "evidence": o.evidence,
-            "expected": self.scenario.expect,
-            "accel": self.accel.accel if self.accel else None,
-            "accel_reason": self.accel.reason if self.accel else None,
-            "kernel": {**(self.kernel.to_json() if self.kernel else {}), "release": f.get("release") or
-                       (self.kernel.release if self.kernel else None)},
-            "guest": {
-                "name": self.guest,
-                "image": str(self.image.dir) if self.image else None,
-                "image_built_now": self.image_built,
-                "image_build_seconds": self.image.manifest.get("build_seconds") if self.image else None,
-                "root_disk": self.disk_interface,
-                "ssh": {"host": "127.0.0.1", "port": self.ssh_port,
-                        "user": self.image.user if self.image else None,
-                        "attempts": f.get("ssh_attempts"),
-                        "commands": self.shell.log if self.shell else []},
-                "not_applicable": self.not_applicable(),
-                "kdump_tools": {"status": f.get("kdump_status"), "at_first_look": f.get("kdump_tools_at_first_look"),
-                                "show": f.get("kdump_show")},
-                "first_cmdline": f.get("proc_cmdline"),
-            },
-            "kdump": {
-                "captured": self.vmcore is not None,
-                "vmcore": str(self.vmcore) if self.vmcore else None,
-                "format": f.get("vmcore_format"),
-                "size": self.vmcore.stat().st_size if self.vmcore and self.vmcore.exists() else None,
-                "crash_kernel_range": f.get("crash_kernel_range"),
-                "crash_cmdline": f.get("crash_cmdline"),
-                "tool": "kdump-tools",
-                "dump_in_guest": f.get("dump_in_guest"),
-                "dump_files": f.get("dump_files"),
-                "makedumpfile_args": f.get("makedump_args"),
-                "dump_level": header.get("dump_level"),
-                "excluded_pages": header.get("excluded"),
-                "crash_kernel_loaded_e1000e": f.get("crash_kernel_loaded_e1000e"),
-            },
-            "dump_filter": self.filter_report,
-            "iommu": {
-                "type": self.scenario.iommu,
-                "crash_kernel_copied_tables": f.get("iommu_copied"),
-                "crash_kernel_disabled": f.get("iommu_disabled"),
-                "faults": f.get("iommu_faults"),
-            },
-            "memory_map": f.get("iomem", []),
-            "dma": self.analysis_report or {"source": self.scenario.dma, "nonce": f"0x{self.nonce:016x}"},
-            "timings_s": self.state.timings,
-            "marks_s": self.state.marks,
-            "phase_seconds": self.phase_seconds(),
-            "files": {
-                "console_first": "console-first.log",
-                "console_crash": "console-crash.log",
-                "console": "guest.console.log",
-                "qemu_log": "guest.qemu.log",
-                "qemu_cmdline": "qemu-cmdline.txt",
-                "dmesg_panicked": "dmesg-panicked.txt",
-            },
-            "qemu_argv": self.machine.argv if self.machine else None,
+        rep["guest"] = {
+            "name": self.guest,
+            "image": str(self.image.dir) if self.image else None,
+            "image_built_now": self.image_built,
+            "image_build_seconds": self.image.manifest.get("build_seconds") if self.image else None,
+            "root_disk": self.disk_interface,
+            "ssh": {"host": "127.0.0.1", "port": self.ssh_port,
+                    "user": self.image.user if self.image else None,
+                    "attempts": f.get("ssh_attempts"),
+                    "commands": self.shell.log if self.shell else []},
+            "not_applicable": self.not_applicable(),
+            "kdump_tools": {"status": f.get("kdump_status"), "at_first_look": f.get("kdump_tools_at_first_look"),
+                            "show": f.get("kdump_show")},
+            "first_cmdline": f.get("proc_cmdline"),
         }
+        rep["kdump"].update({
+            "crash_cmdline": f.get("crash_cmdline"),
+            "tool": "kdump-tools",
+            "dump_in_guest": f.get("dump_in_guest"),
+            "dump_files": f.get("dump_files"),
+            "makedumpfile_args": f.get("makedump_args"),
+            "dump_level": header.get("dump_level"),
+            "excluded_pages": header.get("excluded"),
+            "crash_kernel_loaded_e1000e": f.get("crash_kernel_loaded_e1000e"),
+        })
+        rep["dump_filter"] = self.filter_report
+        rep["phase_seconds"] = self.phase_seconds()
+        rep["files"]["dmesg_panicked"] = "dmesg-panicked.txt"
+        return rep
 
 
 # -- pieces without QEMU ----------------------------------------------------------------

@@ -184,6 +184,14 @@ class RunBase:
 
     # -- the console ---------------------------------------------------------------------
 
+    def console_facts(self) -> None:
+        """What the crash kernel's console says about its IOMMU (known even for a hung run)."""
+        self._split_consoles()
+        crash, facts = self.crash_console, self.state.facts
+        facts["iommu_copied"] = self.iommu.copied(crash) if self.iommu.present and crash else None
+        facts["iommu_disabled"] = self.iommu.disabled(crash) if crash else None
+        facts["iommu_faults"] = self.iommu.faults(crash) if crash else None
+
     def _console_bytes(self) -> bytes:
         try:
             return self.machine.console_log.read_bytes()
@@ -229,6 +237,51 @@ class RunBase:
     def postmortem(self, outcome: Outcome) -> Outcome:
         """A Stop's outcome, reconsidered (KdumpRun: was in-flight DMA the cause?)."""
         return outcome
+
+    def report(self) -> dict:
+        """report.json (docs/report.md): what every kind of run reports; subclasses add theirs."""
+        f = self.state.facts
+        o = self.outcome or Outcome(Verdict.ERROR, "the run did not finish")
+        return {
+            "report_version": REPORT_VERSION,
+            "harness_version": __version__,
+            "scenario": self.scenario.to_json(),
+            "arch": self.arch.name,
+            "verdict": o.verdict.value,
+            "reason": o.reason,
+            "evidence": o.evidence,
+            "expected": self.scenario.expect,
+            "accel": self.accel.accel if self.accel else None,
+            "accel_reason": self.accel.reason if self.accel else None,
+            "kernel": {**(self.kernel.to_json() if self.kernel else {}), "release": f.get("release") or
+                       (self.kernel.release if self.kernel else None)},
+            "kdump": {
+                "captured": self.vmcore is not None,
+                "vmcore": str(self.vmcore) if self.vmcore else None,
+                "format": f.get("vmcore_format"),
+                "size": self.vmcore.stat().st_size if self.vmcore and self.vmcore.exists() else None,
+                "crash_kernel_range": f.get("crash_kernel_range"),
+            },
+            "iommu": {
+                "type": self.scenario.iommu,
+                "crash_kernel_copied_tables": f.get("iommu_copied"),
+                "crash_kernel_disabled": f.get("iommu_disabled"),
+                "faults": f.get("iommu_faults"),
+                **({"smmu": f["smmu"]} if "smmu" in f else {}),
+            },
+            "memory_map": f.get("iomem", []),
+            "dma": self.analysis_report or {"source": self.scenario.dma, "nonce": f"0x{self.nonce:016x}"},
+            "timings_s": self.state.timings,
+            "marks_s": self.state.marks,
+            "files": {
+                "console_first": "console-first.log",
+                "console_crash": "console-crash.log",
+                "console": "guest.console.log",
+                "qemu_log": "guest.qemu.log",
+                "qemu_cmdline": "qemu-cmdline.txt",
+            },
+            "qemu_argv": self.machine.argv if self.machine else None,
+        }
 
     def write_outputs(self) -> None:
         """The split consoles, report.json and report.html, into outdir (if it exists)."""
@@ -571,12 +624,7 @@ class KdumpRun(RunBase):
             raise Stop(Verdict.KDUMP_HANG, str(e), self._console_tail()) from None
 
     def console_facts(self) -> None:
-        """What the crash kernel's console says about its IOMMU (known even for a hung run)."""
-        self._split_consoles()
-        crash, facts = self.crash_console, self.state.facts
-        facts["iommu_copied"] = self.iommu.copied(crash) if self.iommu.present and crash else None
-        facts["iommu_disabled"] = self.iommu.disabled(crash) if crash else None
-        facts["iommu_faults"] = self.iommu.faults(crash) if crash else None
+        super().console_facts()
         self._mark_console("crash_iommu_init", self.iommu.init_done_re)
 
     def _mark_console(self, name: str, pattern: str | None) -> None:
@@ -643,51 +691,10 @@ class KdumpRun(RunBase):
         write_rerun_script(self)
 
     def report(self) -> dict:
-        f = self.state.facts
-        o = self.outcome or Outcome(Verdict.ERROR, "the run did not finish")
-        return {
-            "report_version": REPORT_VERSION,
-            "harness_version": __version__,
-            "scenario": self.scenario.to_json(),
-            "arch": self.arch.name,
-            "verdict": o.verdict.value,
-            "reason": o.reason,
-            "evidence": o.evidence,
-            "expected": self.scenario.expect,
-            "accel": self.accel.accel if self.accel else None,
-            "accel_reason": self.accel.reason if self.accel else None,
-            "kernel": {**(self.kernel.to_json() if self.kernel else {}), "release": f.get("release") or
-                       (self.kernel.release if self.kernel else None)},
-            "kdump": {
-                "captured": self.vmcore is not None,
-                "vmcore": str(self.vmcore) if self.vmcore else None,
-                "format": f.get("vmcore_format"),
-                "size": self.vmcore.stat().st_size if self.vmcore and self.vmcore.exists() else None,
-                "crash_kernel_range": f.get("crash_kernel_range"),
-                "crash_cmdline": " ".join(self.crash_cmdline()),
-                "handover": self.scenario.handover,
-            },
-            "iommu": {
-                "type": self.scenario.iommu,
-                "crash_kernel_copied_tables": f.get("iommu_copied"),
-                "crash_kernel_disabled": f.get("iommu_disabled"),
-                "faults": f.get("iommu_faults"),
-                **({"smmu": f["smmu"]} if "smmu" in f else {}),
-            },
-            "memory_map": f.get("iomem", []),
-            "dma": self.analysis_report or {"source": self.scenario.dma, "nonce": f"0x{self.nonce:016x}"},
-            "timings_s": self.state.timings,
-            "marks_s": self.state.marks,
-            "files": {
-                "console_first": "console-first.log",
-                "console_crash": "console-crash.log",
-                "console": "guest.console.log",
-                "results": "guest.results.log",
-                "qemu_log": "guest.qemu.log",
-                "qemu_cmdline": "qemu-cmdline.txt",
-            },
-            "qemu_argv": self.machine.argv if self.machine else None,
-        }
+        rep = super().report()
+        rep["kdump"].update(crash_cmdline=" ".join(self.crash_cmdline()), handover=self.scenario.handover)
+        rep["files"]["results"] = "guest.results.log"
+        return rep
 
 
 def detect_format(path: Path) -> str:
